@@ -1,0 +1,102 @@
+# rs-peft-qgis — every target is idempotent. `make demo` and `make test` do all set-up themselves.
+#
+# Variables:
+#   TORCH_SPEC       torch requirement for the backend venv (default torch==2.13.0: the CPU wheel here).
+#   TORCH_INDEX_URL  extra package index for torch; on a GPU machine set it to PyTorch's CUDA wheel
+#                    index for your CUDA version to get a CUDA build, e.g.
+#                    make setup TORCH_INDEX_URL=<pytorch cuda 12.x wheel index>
+#   PYTHON           interpreter for the backend venv (default python3; must be 3.11+).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+APT_OPTS := -y -q --no-install-recommends
+QGIS_PKGS := qgis python3-qgis qgis-providers
+TOOL_PKGS := python3-venv xvfb xauth x11-utils xdotool imagemagick fonts-open-sans zip
+BACKPORTS := /etc/apt/sources.list.d/bookworm-backports.sources
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+VB := .venv
+VQ := .venv-qgis
+PLUGIN_ZIP := dist/rs_peft_qgis.zip
+QGIS_PROFILE ?= $(HOME)/.local/share/QGIS/QGIS3/profiles/default
+export QT_QPA_PLATFORM := offscreen
+export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
+export DEBIAN_FRONTEND := noninteractive
+
+.PHONY: help setup system test test-backend test-plugin lint format demo bench package install-plugin clean
+
+help:
+	@echo "make demo    - set up, then run change detection on the bundled LEVIR-CD pair (outputs in demo_out/)"
+	@echo "make test    - set up, then run the whole test suite"
+	@echo "make setup   - install QGIS 3.40 LTR + tools (apt) and create .venv (backend) and .venv-qgis"
+	@echo "make bench   - benchmarks (bench/), results in bench/results/"
+	@echo "make lint    - ruff check + format check"
+	@echo "make package - build $(PLUGIN_ZIP);  make install-plugin - link the plugin into QGIS_PROFILE"
+
+setup: system $(VB)/.ok $(VQ)/.ok
+
+system:
+	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
+	@if dpkg -s $(QGIS_PKGS) $(TOOL_PKGS) >/dev/null 2>&1 && \
+	   /usr/bin/python3 -c 'from qgis.core import Qgis; assert Qgis.QGIS_VERSION_INT >= 34000' 2>/dev/null; then \
+	  echo "system packages present"; \
+	else \
+	  if [ ! -f $(BACKPORTS) ]; then \
+	    m=$$(awk '/^URIs:/{print $$2; exit}' /etc/apt/sources.list.d/debian.sources); \
+	    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$$m" | $(SUDO) tee $(BACKPORTS) >/dev/null; \
+	  fi; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) apt-get install $(APT_OPTS) -t bookworm-backports $(QGIS_PKGS) && \
+	  $(SUDO) apt-get install $(APT_OPTS) $(TOOL_PKGS); \
+	fi
+
+$(VB)/.ok: requirements/backend.txt requirements/dev.txt
+	$(PYTHON) -m venv $(VB)
+	$(VB)/bin/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
+	$(VB)/bin/pip install -q -r requirements/backend.txt -r requirements/dev.txt
+	touch $@
+
+$(VQ)/.ok: requirements/qgis-test.txt
+	/usr/bin/python3 -m venv --system-site-packages $(VQ)
+	$(VQ)/bin/pip install -q -r requirements/qgis-test.txt
+	touch $@
+
+test: setup test-backend test-plugin
+
+test-backend:
+	$(VB)/bin/python -m pytest -q tests/backend
+
+test-plugin:
+	$(VQ)/bin/python -m pytest -q -p no:cacheprovider tests/plugin
+
+lint: $(VB)/.ok
+	$(VB)/bin/ruff check .
+	$(VB)/bin/ruff format --check .
+
+format: $(VB)/.ok
+	$(VB)/bin/ruff format .
+	$(VB)/bin/ruff check --fix .
+
+demo: setup
+	$(VB)/bin/python -m backend.demo --out-dir demo_out
+
+bench: setup
+	$(VB)/bin/python -m bench.raster_memory
+
+package:
+	rm -rf build/package dist && mkdir -p build/package/rs_peft_qgis dist
+	cp -r rs_peft_qgis/* build/package/rs_peft_qgis/
+	cp -r backend resources metadata.txt LICENSE build/package/rs_peft_qgis/
+	find build/package -name __pycache__ -prune -exec rm -rf {} +
+	cd build/package && zip -qr ../../$(PLUGIN_ZIP) rs_peft_qgis
+	@echo "plugin zip: $(PLUGIN_ZIP)"
+
+install-plugin: package
+	mkdir -p $(QGIS_PROFILE)/python/plugins
+	rm -rf $(QGIS_PROFILE)/python/plugins/rs_peft_qgis
+	ln -sfn $(CURDIR)/build/package/rs_peft_qgis $(QGIS_PROFILE)/python/plugins/rs_peft_qgis
+	@echo "linked into $(QGIS_PROFILE)/python/plugins; enable 'RS PEFT' in Plugins > Manage and Install Plugins"
+
+clean:
+	rm -rf build dist demo_out bench/results .qgis-settings

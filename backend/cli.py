@@ -1,0 +1,164 @@
+"""Command-line interface: `python -m backend JOB --param value ...` for every worker job.
+
+Flags are the worker's `job.start` parameter names in kebab case. Exit codes: 0 success,
+2 bad input, 1 anything else (cancel included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from backend import protocol as P
+from backend.jobs import JOBS
+from backend.jobs.base import JobContext, JobSpec, run_job, to_job_error
+
+BAD_INPUT_CODES = {P.INVALID_INPUT, P.MISSING_WEIGHTS}
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._last_stage = ""
+        self._last_decile = -1
+
+    def __call__(self, fraction: float, stage: str, message: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            filled = int(fraction * 30)
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%} {stage}: {message}"[:100].ljust(100)
+            )
+            sys.stderr.flush()
+        elif stage != self._last_stage or int(fraction * 10) != self._last_decile:
+            self._last_stage, self._last_decile = stage, int(fraction * 10)
+            print(f"{fraction:4.0%} {stage} {message}".rstrip(), file=sys.stderr)
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m backend", description="rs-peft-qgis backend: run any job from a terminal."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = sub.add_parser("info", help="print versions and devices")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    sub.add_parser("worker", help="run the JSON-RPC worker on stdin/stdout (what QGIS starts)")
+    for spec in JOBS.values():
+        jp = sub.add_parser(spec.name, help=spec.summary, description=spec.summary)
+        for p in spec.params:
+            kwargs: dict[str, Any] = {
+                "help": p.help + ("" if p.default is None else f" (default: {p.default})"),
+                "dest": p.name,
+            }
+            if p.type is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["metavar"] = p.name.upper()
+            if p.choices:
+                kwargs["choices"] = p.choices
+            jp.add_argument(p.flag, required=p.required, **kwargs)
+        jp.add_argument("--json", action="store_true", help="print the result (outputs, metrics) as one JSON object")
+        jp.add_argument("--quiet", action="store_true", help="no progress bar")
+        jp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
+    raw = {p.name: getattr(args, p.name) for p in spec.params if getattr(args, p.name) is not None}
+    try:
+        params = spec.validate(raw)
+    except ValueError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    bar = ProgressBar(args.quiet)
+    ctx = JobContext(
+        on_progress=bar,
+        on_log=lambda level, msg: print(f"{level}: {msg}", file=sys.stderr) if level == "warning" else None,
+    )
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = run_job(spec, params, ctx)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="job", daemon=True)
+    thread.start()
+    cancelling = False
+    while thread.is_alive():
+        try:
+            thread.join(0.1)
+        except KeyboardInterrupt:
+            if cancelling:  # a second Ctrl-C while cleaning up: still wait, never leave partial files
+                continue
+            cancelling = True
+            ctx.cancel_event.set()
+            print("\nCancelling...", file=sys.stderr)
+    bar.close()
+    if "error" in box:
+        exc = box["error"]
+        err = to_job_error(exc)
+        if args.debug:
+            traceback.print_exception(exc)
+        print(f"Error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"Hint: {err.hint}", file=sys.stderr)
+        return 2 if err.code in BAD_INPUT_CODES else 1
+    result = box["result"]
+    if args.json:
+        print(json.dumps(result.to_dict(), allow_nan=False))
+    else:
+        for o in result.outputs:
+            print(f"{o.layer_name}: {o.path}")
+        for k, v in result.metrics.items():
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def print_info(as_json: bool) -> int:
+    from backend.runtime import environment_info
+
+    info = environment_info()
+    if as_json:
+        print(json.dumps(info))
+        return 0
+    print(f"rs-peft-qgis backend {info['backend_version']} on Python {info['python']} ({info['platform']})")
+    for k, v in info["versions"].items():
+        print(f"  {k}: {v}")
+    for d in info["devices"]:
+        extra = (
+            f" {d['model']}, {d['memory_free_mb']}/{d['memory_total_mb']} MB free"
+            if d["type"] == "cuda"
+            else f" {d['threads']} threads"
+        )
+        print(f"  device {d['name']}:{extra}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        return print_info(args.json)
+    if args.command == "worker":
+        from backend.worker import main as worker_main
+
+        return worker_main()
+    start = time.monotonic()
+    code = run_cli_job(JOBS[args.command], args)
+    if code == 0 and not args.json and not args.quiet:
+        print(f"done in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    return code

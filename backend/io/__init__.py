@@ -1,0 +1,1 @@
+"""Raster engine: windowed reads, tiling + blending, writing, alignment, (de)vectorization."""

@@ -1,0 +1,132 @@
+"""Annotation polygons (with a class field) -> label raster on a reference grid, inside an AOI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fiona
+import numpy as np
+import rasterio.errors
+import shapely
+from rasterio.crs import CRS
+from rasterio.features import rasterize
+from rasterio.warp import transform_geom
+from rasterio.windows import Window, from_bounds
+from shapely.geometry import shape
+
+from backend.io.raster import Grid
+from backend.protocol import INVALID_INPUT, JobError
+
+IGNORE = 255  # label value for pixels outside the AOI: never trained on, never scored
+
+
+@dataclass
+class Polygons:
+    geoms: list[dict[str, Any]]  # GeoJSON-like, already in the target CRS
+    values: list[int]
+
+
+def read_polygons(
+    path: str | Path,
+    target_crs: CRS | None,
+    class_field: str | None = None,
+    layer: str | None = None,
+    what: str = "label",
+    warnings: list[str] | None = None,
+) -> Polygons:
+    """Read (multi)polygons and their integer class from any OGR vector file, in target_crs."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise JobError(
+            INVALID_INPUT, f"The {what} file {p} does not exist.", "Check the path, or pick the layer again."
+        )
+    try:
+        src = fiona.open(p, layer=layer)
+    except (fiona.errors.DriverError, ValueError) as exc:
+        raise JobError(
+            INVALID_INPUT, f"The {what} file {p.name} is not a vector layer that can be read ({exc})."
+        ) from None
+    with src:
+        if class_field and class_field not in src.schema["properties"]:
+            fields = ", ".join(src.schema["properties"]) or "none"
+            raise JobError(
+                INVALID_INPUT,
+                f"The {what} layer has no field named '{class_field}' (its fields: {fields}).",
+                "Pick the field that holds the class numbers.",
+            )
+        src_crs = CRS.from_wkt(src.crs.to_wkt()) if src.crs and src.crs.to_wkt() else None
+        if src_crs is None and target_crs is not None and warnings is not None:
+            warnings.append(f"The {what} layer has no CRS; it is assumed to be in the raster's CRS.")
+        geoms, values = [], []
+        for feat in src:
+            if feat.geometry is None or feat.geometry.type not in ("Polygon", "MultiPolygon"):
+                continue
+            value = 1 if not class_field else feat.properties[class_field]
+            if value is None:
+                continue
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise JobError(
+                    INVALID_INPUT, f"The class field '{class_field}' holds {value!r}, not a class number."
+                ) from None
+            if not 0 <= value < IGNORE:
+                raise JobError(INVALID_INPUT, f"Class numbers must be between 0 and {IGNORE - 1}; found {value}.")
+            geom = dict(feat.geometry.__geo_interface__)
+            if src_crs is not None and target_crs is not None and src_crs != target_crs:
+                geom = transform_geom(src_crs, target_crs, geom)
+            geoms.append(geom)
+            values.append(value)
+    if not geoms:
+        raise JobError(
+            INVALID_INPUT,
+            f"The {what} layer contains no polygons.",
+            "Draw at least one polygon (or check that the layer is a polygon layer).",
+        )
+    return Polygons(geoms, values)
+
+
+def rasterize_labels(
+    labels: Polygons,
+    grid: Grid,
+    aoi: Polygons | None = None,
+    all_touched: bool = False,
+) -> tuple[np.ndarray, Grid]:
+    """Burn labels onto the part of `grid` covered by the AOI (the whole grid without one).
+
+    Returns a uint8 raster (0 = background, class values, IGNORE outside the AOI) and its grid.
+    Later polygons win where polygons overlap.
+    """
+    sub = grid
+    if aoi is not None:
+        aoi_union = shapely.union_all([shape(g) for g in aoi.geoms])
+        if not any(shape(g).intersects(aoi_union) for g in labels.geoms):
+            raise JobError(
+                INVALID_INPUT,
+                "None of the label polygons lies inside the area of interest.",
+                "Draw labels inside the area of interest, or choose a larger area.",
+            )
+        left, bottom, right, top = aoi_union.bounds
+        win = from_bounds(left, bottom, right, top, grid.transform).round_offsets("floor").round_lengths("ceil")
+        try:
+            win = win.intersection(Window(0, 0, grid.width, grid.height))
+        except rasterio.errors.WindowError:
+            win = None
+        if win is None or win.width < 1 or win.height < 1:
+            raise JobError(INVALID_INPUT, "The area of interest does not overlap the raster.")
+        sub = grid.window_grid(win)
+    shape = (sub.height, sub.width)
+    out = rasterize(
+        zip(labels.geoms, labels.values, strict=True),
+        out_shape=shape,
+        transform=sub.transform,
+        fill=0,
+        dtype="uint8",
+        all_touched=all_touched,
+    )
+    if aoi is not None:
+        inside = rasterize(((g, 1) for g in aoi.geoms), out_shape=shape, transform=sub.transform, fill=0, dtype="uint8")
+        out[inside == 0] = IGNORE
+    return out, sub

@@ -1,0 +1,241 @@
+"""change.cva: classical change-vector analysis with an Otsu threshold.
+
+Both dates are standardised per band (mean/std over the overlap), the magnitude of the
+difference vector is smoothed with a small Gaussian, and Otsu's threshold on its histogram
+separates change from no change. It is the baseline learned change detectors must beat.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from scipy import ndimage
+
+from backend.io.raster import Grid, RasterSource, overlap_grid
+from backend.io.tiling import TileSpec, block_windows, run_tiled
+from backend.io.vectorize import vectorize
+from backend.io.writer import GeoTiffWriter
+from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
+from backend.metrics.change import BinaryConfusion
+from backend.protocol import INVALID_INPUT, JobError, JobResult, Output
+
+HIST_BINS = 2048
+GAUSS_TRUNCATE = 3.0
+PROB_NODATA = -1.0
+MASK_NODATA = 255
+
+PARAMS = (
+    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True),
+    Param("after", str, "Raster of the second date (any CRS/resolution; aligned on the fly).", required=True),
+    Param("out_dir", str, "Folder for the results.", required=True),
+    Param("bands", list, "Bands to compare, e.g. 1,2,3 (default: all).", default=None),
+    Param("reference", str, "Optional reference change mask (non-zero = change) to score against.", default=None),
+    Param("threshold", float, "Fixed magnitude threshold instead of Otsu's.", default=None),
+    Param("smooth", float, "Gaussian smoothing of the magnitude, sigma in pixels (0 = none).", default=1.0),
+    Param("min_area_m2", float, "Drop change polygons smaller than this (square metres).", default=0.0),
+    Param("simplify", float, "Simplify polygon outlines, tolerance in pixels (0 = exact pixel edges).", default=0.0),
+    Param("name", str, "Prefix of the output file names.", default="cva"),
+    Param("tile_size", int, "Tile size in pixels.", default=512),
+    Param("overlap", int, "Tile overlap in pixels.", default=64),
+    Param("batch_size", int, "Tiles processed together.", default=4),
+)
+
+
+def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
+    ctx.protect_inputs(p["before"], p["after"], p["reference"])
+    out_dir = prepare_out_dir(p["out_dir"])
+    if p["smooth"] < 0 or p["min_area_m2"] < 0 or p["simplify"] < 0:
+        raise JobError(INVALID_INPUT, "smooth, min_area_m2 and simplify cannot be negative.")
+    radius = int(GAUSS_TRUNCATE * p["smooth"] + 0.5) if p["smooth"] > 0 else 0
+    try:
+        spec = TileSpec(p["tile_size"], max(p["overlap"], 2 * radius + 2), p["batch_size"], margin=radius)
+    except ValueError as exc:
+        raise JobError(INVALID_INPUT, str(exc), "Use a larger tile size or a smaller smoothing.") from None
+
+    with (
+        RasterSource(p["before"], p["bands"], what="before") as probe_b,
+        RasterSource(p["after"], p["bands"], what="after") as probe_a,
+    ):
+        if probe_b.count != probe_a.count:
+            raise JobError(
+                INVALID_INPUT,
+                f"The before raster has {probe_b.count} band(s) to compare but the after raster has {probe_a.count}.",
+                "Choose the same bands of both rasters (bands parameter).",
+            )
+        grid = overlap_grid(probe_b.native, probe_a.native, ("before", "after"))
+    if not grid.georeferenced:
+        ctx.warn("The rasters are not georeferenced: they are compared pixel by pixel and outputs have no CRS.")
+
+    before = RasterSource(p["before"], p["bands"], grid=grid, what="before")
+    after = RasterSource(p["after"], p["bands"], grid=grid, resampling=Resampling.bilinear, what="after")
+    with before, after, tempfile.TemporaryDirectory(dir=out_dir, prefix=f".partial-{ctx.job_id}-") as tmp:
+
+        def read_pair(win: Any) -> tuple[np.ndarray, np.ndarray]:
+            a, va = before.read(win)
+            b, vb = after.read(win)
+            return np.concatenate([a, b]), va & vb
+
+        mean, std = _band_stats(ctx, grid, read_pair, before.count)
+        nb = before.count
+
+        def magnitude(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
+            z = (batch - mean[None, :, None, None]) / std[None, :, None, None]
+            d = np.where(valid[:, None], z[:, nb:] - z[:, :nb], 0.0)
+            mag = np.sqrt(np.sum(d * d, axis=1))
+            if p["smooth"] > 0:
+                mag = np.stack([ndimage.gaussian_filter(m, p["smooth"], truncate=GAUSS_TRUNCATE) for m in mag])
+            return mag[:, None].astype(np.float32)
+
+        mag_path = Path(tmp) / "magnitude.tif"
+        with GeoTiffWriter(mag_path, grid, 1, "float32", float("nan"), block=spec.stride) as mag_w:
+            run_tiled(
+                grid.height,
+                grid.width,
+                read_pair,
+                magnitude,
+                mag_w.write,
+                1,
+                spec,
+                on_tile=lambda d, t: ctx.progress(0.15 + 0.55 * d / t, "change magnitude", f"tile {d}/{t}"),
+            )
+
+        threshold = p["threshold"]
+        if threshold is None:
+            threshold = otsu_threshold(*_histogram(ctx, mag_path, spec.stride))
+        result = _write_outputs(ctx, p, out_dir, grid, mag_path, float(threshold), spec.stride)
+    return result
+
+
+def _band_stats(ctx: JobContext, grid: Grid, read_pair: Any, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and std of both dates over pixels valid in both (streamed, float64)."""
+    s = np.zeros(2 * nb)
+    ss = np.zeros(2 * nb)
+    n = 0
+    wins = list(block_windows(grid.width, grid.height, 1024))
+    for i, win in enumerate(wins):
+        data, valid = read_pair(win)
+        v = data[:, valid].astype(np.float64)
+        s += v.sum(axis=1)
+        ss += (v * v).sum(axis=1)
+        n += v.shape[1]
+        ctx.progress(0.15 * (i + 1) / len(wins), "statistics", f"block {i + 1}/{len(wins)}")
+    if n == 0:
+        raise JobError(
+            INVALID_INPUT,
+            "The before and after rasters have no pixel where both hold data.",
+            "Check their nodata values and that they cover the same area.",
+        )
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+    return mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
+
+
+def _histogram(ctx: JobContext, mag_path: Path, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of the magnitude over [0, max] (two streamed reads of the temporary raster)."""
+    with rasterio.open(mag_path) as ds:
+        wins = list(block_windows(ds.width, ds.height, block))
+        hi = 0.0
+        for win in wins:
+            m = ds.read(1, window=win)
+            if np.isfinite(m).any():
+                hi = max(hi, float(np.nanmax(m)))
+        edges = np.linspace(0.0, max(hi, 1e-6), HIST_BINS + 1)
+        hist = np.zeros(HIST_BINS, dtype=np.int64)
+        for i, win in enumerate(wins):
+            m = ds.read(1, window=win)
+            hist += np.histogram(m[np.isfinite(m)], bins=edges)[0]
+            ctx.progress(0.70 + 0.05 * (i + 1) / len(wins), "threshold")
+    return hist, edges
+
+
+def otsu_threshold(hist: np.ndarray, edges: np.ndarray) -> float:
+    """Otsu's threshold: the bin edge that maximises the between-class variance."""
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
+    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def _write_outputs(
+    ctx: JobContext, p: dict[str, Any], out_dir: Path, grid: Grid, mag_path: Path, threshold: float, block: int
+) -> JobResult:
+    name = p["name"]
+    finals = [
+        out_dir / f"{name}_change_probability.tif",
+        out_dir / f"{name}_change_mask.tif",
+        out_dir / f"{name}_changes.gpkg",
+    ]
+    prob_path, mask_path, gpkg_path = (ctx.output_path(f) for f in finals)
+    # Logistic of the distance to the threshold: 0.5 at the threshold, ~0.98 at twice it.
+    scale = max(threshold, 1e-6) / 4
+    ref = (
+        RasterSource(p["reference"], [1], grid=grid, resampling=Resampling.nearest, what="reference")
+        if p["reference"]
+        else None
+    )
+    conf = BinaryConfusion()
+    changed = valid_px = 0
+    with (
+        rasterio.open(mag_path) as mag_ds,
+        GeoTiffWriter(prob_path, grid, 1, "float32", PROB_NODATA, ("change probability",), block=block) as prob_w,
+        GeoTiffWriter(
+            mask_path, grid, 1, "uint8", MASK_NODATA, ("change mask",), Resampling.mode, block=block
+        ) as mask_w,
+    ):
+        wins = list(block_windows(grid.width, grid.height, block))
+        for i, win in enumerate(wins):
+            mag = mag_ds.read(1, window=win)
+            valid = np.isfinite(mag)
+            mag = np.where(valid, mag, 0.0)
+            prob = 1.0 / (1.0 + np.exp(-np.clip((mag - threshold) / scale, -60, 60)))
+            mask = (mag > threshold).astype(np.uint8)
+            prob_w.write(win, prob[None], valid)
+            mask_w.write(win, mask[None], valid)
+            changed += int(np.count_nonzero(mask & valid))
+            valid_px += int(np.count_nonzero(valid))
+            if ref is not None:
+                r, rv = ref.read(win)
+                conf.update(mask, r[0] > 0, valid & rv)
+            ctx.progress(0.75 + 0.15 * (i + 1) / len(wins), "writing outputs")
+    if ref is not None:
+        ref.close()
+    n_polys = vectorize(
+        mask_path,
+        gpkg_path,
+        layer="changes",
+        conf_path=prob_path,
+        block=block,
+        simplify_px=p["simplify"],
+        min_area_m2=p["min_area_m2"],
+        class_names={1: "change"},
+        on_block_row=lambda d, t: ctx.progress(0.9 + 0.1 * d / t, "vectorizing"),
+    )
+    metrics: dict[str, Any] = {
+        "threshold": threshold,
+        "changed_fraction": changed / valid_px if valid_px else 0.0,
+        "changed_pixels": changed,
+        "polygons": n_polys,
+    }
+    if grid.georeferenced and grid.crs is not None and not grid.crs.is_geographic:
+        pixel_area = abs(grid.transform.a * grid.transform.e - grid.transform.b * grid.transform.d)
+        metrics["changed_area_m2"] = changed * pixel_area * grid.crs.linear_units_factor[1] ** 2
+    if ref is not None:
+        metrics.update(conf.metrics())
+    outputs = [
+        Output(str(finals[0]), "raster", f"{name} change probability", "change_probability.qml"),
+        Output(str(finals[1]), "raster", f"{name} change mask", "change_mask.qml"),
+        Output(str(finals[2]), "vector", f"{name} changes", "change_polygons.qml"),
+    ]
+    return JobResult(outputs=outputs, metrics=metrics)
+
+
+SPEC = JobSpec("change.cva", "Change-vector analysis with an Otsu threshold (classical baseline).", PARAMS, run)

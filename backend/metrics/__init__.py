@@ -1,0 +1,1 @@
+"""Accuracy metrics (dataset-level confusion matrices)."""

@@ -1,0 +1,73 @@
+"""Regenerate tests/data from ../shared/data (run once by a developer; the outputs are committed).
+
+LEVIR-CD PNGs carry no georeference; LEVIR_CD_name_coords.json gives each 1024² image's
+lon/lat box as [west, north, east, south]. The 256² crops are named <image>_<row>_<col>.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import from_bounds
+
+HERE = Path(__file__).parent
+SHARED = Path(sys.argv[1] if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data")
+CD = SHARED / "change_detection"
+FULL = ["test_1"]
+CROPS = ["test_2_0000_0000", "test_2_0000_0512", "test_7_0256_0512", "test_55_0256_0000", "test_77_0512_0256"]
+
+
+def write(path: Path, data: np.ndarray, transform, crs: str = "EPSG:4326") -> None:
+    profile = dict(
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype="uint8",
+        crs=crs,
+        transform=transform,
+        compress="deflate",
+        predictor=2,
+    )
+    if data.shape[0] == 3:
+        profile["photometric"] = "RGB"
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data)
+
+
+def main() -> None:
+    coords = json.loads((CD / "levir_cd_bitcd" / "LEVIR_CD_name_coords.json").read_text())
+    out = HERE / "levir_cd"
+    out.mkdir(exist_ok=True)
+    jobs = [(n, CD / "levir_cd_1024_ttp", n, 0, 0, 1024) for n in FULL]
+    for c in CROPS:
+        parent, row, col = c.rsplit("_", 2)
+        jobs.append((c, CD / "levir_cd_bitcd", parent, int(row), int(col), 256))
+    for name, folder, parent, row, col, size in jobs:
+        west, north, east, south = coords[f"{parent}.png"]
+        full_tf = from_bounds(west, south, east, north, 1024, 1024)
+        tf = full_tf * rasterio.Affine.translation(col, row)
+        for part in ("A", "B", "label"):
+            with rasterio.open(folder / part / f"{name}.png") as src:
+                data = src.read()
+            assert data.shape[1:] == (size, size), (name, data.shape)
+            write(out / f"{name}_{part}.tif", data, tf)
+    shutil.copyfile(CD / "levir_cd_1024_ttp" / "LICENSE-SOURCE.txt", out / "LICENSE-SOURCE-levir_cd_1024_ttp.txt")
+    shutil.copyfile(CD / "levir_cd_bitcd" / "LICENSE-SOURCE.txt", out / "LICENSE-SOURCE-levir_cd_bitcd.txt")
+    # SpaceNet-4: the footprint mask was rendered on sample_geotiff.tif's grid but stored without it.
+    src = SHARED / "building_seg" / "spacenet4_solaris"
+    sn = HERE / "spacenet4"
+    sn.mkdir(exist_ok=True)
+    with rasterio.open(src / "sample_geotiff.tif") as img, rasterio.open(src / "sample_fp_mask.tif") as mask:
+        write(sn / "fp_mask.tif", mask.read(), img.transform, img.crs)
+    for f in ("geotiff_labels.geojson", "LICENSE-SOURCE.txt"):
+        shutil.copyfile(src / f, sn / f)
+
+
+if __name__ == "__main__":
+    main()
