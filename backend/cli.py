@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 import time
@@ -96,18 +97,20 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
         except BaseException as exc:
             box["error"] = exc
 
+    def on_sigint(signum: int, frame: object) -> None:
+        # Cancel instead of raising KeyboardInterrupt: the job cleans up its partial outputs.
+        if not ctx.cancel_event.is_set():
+            print("\nCancelling...", file=sys.stderr)
+        ctx.cancel_event.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     thread = threading.Thread(target=target, name="job", daemon=True)
     thread.start()
-    cancelling = False
-    while thread.is_alive():
-        try:
-            thread.join(0.1)
-        except KeyboardInterrupt:
-            if cancelling:  # a second Ctrl-C while cleaning up: still wait, never leave partial files
-                continue
-            cancelling = True
-            ctx.cancel_event.set()
-            print("\nCancelling...", file=sys.stderr)
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     bar.close()
     if "error" in box:
         exc = box["error"]

@@ -104,7 +104,7 @@ def _aligned(src: Grid, dst: Grid) -> tuple[int, int] | None:
         math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a[:2] + a[3:5], b[:2] + b[3:5], strict=True)
     ):
         return None
-    col, row = ~a * (b.c, b.f)
+    col, row = ~a @ (b.c, b.f)
     if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
         return None
     return round(col), round(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def rasterize_labels(
                 "Draw labels inside the area of interest, or choose a larger area.",
             )
         left, bottom, right, top = aoi_union.bounds
-        win = from_bounds(left, bottom, right, top, grid.transform).round_offsets("floor").round_lengths("ceil")
+        win = _outer_window(from_bounds(left, bottom, right, top, grid.transform))
         try:
             win = win.intersection(Window(0, 0, grid.width, grid.height))
         except rasterio.errors.WindowError:
@@ -117,16 +118,24 @@ def rasterize_labels(
         if win is None or win.width < 1 or win.height < 1:
             raise JobError(INVALID_INPUT, "The area of interest does not overlap the raster.")
         sub = grid.window_grid(win)
-    shape = (sub.height, sub.width)
+    size = (sub.height, sub.width)
     out = rasterize(
         zip(labels.geoms, labels.values, strict=True),
-        out_shape=shape,
+        out_shape=size,
         transform=sub.transform,
         fill=0,
         dtype="uint8",
         all_touched=all_touched,
     )
     if aoi is not None:
-        inside = rasterize(((g, 1) for g in aoi.geoms), out_shape=shape, transform=sub.transform, fill=0, dtype="uint8")
+        inside = rasterize(((g, 1) for g in aoi.geoms), out_shape=size, transform=sub.transform, fill=0, dtype="uint8")
         out[inside == 0] = IGNORE
     return out, sub
+
+
+def _outer_window(win: Window) -> Window:
+    """The smallest whole-pixel window containing `win` (tolerant of float noise at pixel edges)."""
+    c0, r0 = math.floor(round(win.col_off, 6)), math.floor(round(win.row_off, 6))
+    c1 = math.ceil(round(win.col_off + win.width, 6))
+    r1 = math.ceil(round(win.row_off + win.height, 6))
+    return Window(c0, r0, c1 - c0, r1 - r0)

@@ -66,7 +66,8 @@ def edge_weights(n: int, taper_lo: bool, taper_hi: bool, overlap: int, margin: i
     w = np.ones(n, dtype=np.float64)
     ramp = max(overlap // 2 - margin, 1)
     d = np.arange(n, dtype=np.float64)
-    rise = np.where(d < margin, 0.0, np.minimum(1.0, 0.5 - 0.5 * np.cos(np.pi * (d - margin + 1) / (ramp + 1))))
+    t = np.clip((d - margin + 1) / (ramp + 1), 0.0, 1.0)
+    rise = np.where(d < margin, 0.0, 0.5 - 0.5 * np.cos(np.pi * t))
     if taper_lo:
         w *= rise
     if taper_hi:
