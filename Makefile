@@ -24,7 +24,7 @@ export QT_QPA_PLATFORM := offscreen
 export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help setup system test test-backend test-plugin lint format demo bench package install-plugin clean
+.PHONY: help setup system test test-backend test-plugin test-desktop lint format demo bench package install-plugin clean
 
 help:
 	@echo "make demo    - set up, then run change detection on the bundled LEVIR-CD pair (outputs in demo_out/)"
@@ -62,13 +62,24 @@ $(VQ)/.ok: requirements/qgis-test.txt
 	$(VQ)/bin/pip install -q -r requirements/qgis-test.txt
 	touch $@
 
-test: setup test-backend test-plugin
+test: setup test-backend test-plugin test-desktop
 
 test-backend:
 	$(VB)/bin/python -m pytest -q tests/backend
 
 test-plugin:
 	$(VQ)/bin/python -m pytest -q -p no:cacheprovider tests/plugin
+
+# A real QGIS window under Xvfb loading the packaged plugin (enabled through a fresh profile).
+test-desktop: package
+	rm -rf build/qgis-profile && mkdir -p build/qgis-profile/profiles/default/QGIS
+	printf '[PythonPlugins]\nrs_peft_qgis=true\n[qgis]\ncheckVersion=false\n' > build/qgis-profile/profiles/default/QGIS/QGIS3.ini
+	rm -f build/smoke.json
+	env -u QT_QPA_PLATFORM QGIS_PLUGINPATH=$(CURDIR)/build/package SMOKE_OUT=$(CURDIR)/build/smoke.json \
+	  SMOKE_PNG=$(CURDIR)/build/smoke.png timeout 180 xvfb-run -a -s "-screen 0 1600x1000x24" \
+	  qgis --nologo --noversioncheck --profiles-path $(CURDIR)/build/qgis-profile --code $(CURDIR)/tests/desktop/smoke.py
+	/usr/bin/python3 -c "import json; d = json.load(open('build/smoke.json')); print('desktop smoke:', d); \
+	  assert d['loaded'] and d['diagnostics_action'], d"
 
 lint: $(VB)/.ok
 	$(VB)/bin/ruff check .

@@ -34,6 +34,7 @@ class DiagnosticsTask(QgsTask):
 
     def finished(self, ok: bool) -> None:
         bar = self.plugin.iface.messageBar()
+        self.plugin.diagnostics = self.info if ok else {"error": self.error}
         if ok and self.info:
             QgsMessageLog.logMessage(json.dumps(self.info, indent=2), LOG_TAG, Qgis.Info)
             devices = ", ".join(d["name"] for d in self.info["devices"])
@@ -48,6 +49,7 @@ class RsPeftPlugin:
         self.actions: list[QAction] = []
         self._client: WorkerClient | None = None
         self._task: DiagnosticsTask | None = None
+        self.diagnostics: dict | None = None  # the last diagnostics answer (or {"error": ...})
 
     def initGui(self) -> None:
         icon = QIcon(str(backend_root() / "resources" / "icons" / "rs_peft.svg"))
@@ -76,5 +78,6 @@ class RsPeftPlugin:
         return self._client
 
     def run_diagnostics(self) -> None:
+        self.diagnostics = None
         self._task = DiagnosticsTask(self)
         QgsApplication.taskManager().addTask(self._task)
