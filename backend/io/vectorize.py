@@ -8,6 +8,7 @@ equals whole-raster polygonization while memory stays bounded by block size x ro
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import fiona
 import numpy as np
 import rasterio
 import shapely
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
 from rasterio.warp import transform_geom
 from rasterio.windows import Window
@@ -94,7 +96,7 @@ def vectorize(
     Blocks are visited row by row. Components that touch across a block edge are joined; a
     group is written out as soon as no piece of it touches the bottom of the current block row.
     """
-    with rasterio.open(class_path) as cds:
+    with warnings.catch_warnings(category=NotGeoreferencedWarning, action="ignore"), rasterio.open(class_path) as cds:
         grid = Grid.of(cds)
         conf_ds = rasterio.open(conf_path) if conf_path else None
         area_of = AreaCalculator(grid)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from backend.io.raster import Grid
@@ -41,6 +43,7 @@ class GeoTiffWriter:
             "dtype": self.dtype.name,
             "nodata": nodata,
             "compress": "deflate",
+            "NUM_THREADS": "ALL_CPUS",  # parallel compression
             "predictor": 3 if is_float else 2,
             "BIGTIFF": "IF_SAFER",
         }
@@ -51,7 +54,8 @@ class GeoTiffWriter:
             profile.update(tiled=True, blockxsize=block, blockysize=block)
         if grid.georeferenced:
             profile.update(crs=grid.crs, transform=grid.transform)
-        self.ds = rasterio.open(Path(path), "w", **profile)
+        with warnings.catch_warnings(category=NotGeoreferencedWarning, action="ignore"):  # pixel-space is allowed
+            self.ds = rasterio.open(Path(path), "w", **profile)
         if descriptions:
             for i, d in enumerate(descriptions, start=1):
                 self.ds.set_band_description(i, d)

@@ -116,7 +116,7 @@ def _band_stats(ctx: JobContext, grid: Grid, read_pair: Any, nb: int) -> tuple[n
     s = np.zeros(2 * nb)
     ss = np.zeros(2 * nb)
     n = 0
-    wins = list(block_windows(grid.width, grid.height, 1024))
+    wins = list(block_windows(grid.width, grid.height, 512))
     for i, win in enumerate(wins):
         data, valid = read_pair(win)
         v = data[:, valid].astype(np.float64)

@@ -39,3 +39,15 @@ def worker() -> WorkerClient:
     client.shutdown()
     if client.alive:
         client.proc.kill()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` need an NVIDIA GPU; skip them where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
