@@ -23,8 +23,6 @@ from rasterio.windows import Window, from_bounds
 
 from backend.protocol import INVALID_INPUT, JobError
 
-SCALES = ("none", "dtype")
-
 
 @dataclass(frozen=True)
 class Grid:

@@ -131,10 +131,6 @@ class JobContext:
         if self.cancel_event.is_set():
             raise Cancelled()
 
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel_event.is_set()
-
     # --- reporting ----------------------------------------------------------------------
     def progress(self, fraction: float, stage: str, message: str = "", force: bool = False) -> None:
         """Report progress; throttled so the pipe never floods (at most ~10 per second)."""
