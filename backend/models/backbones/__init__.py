@@ -1,0 +1,1 @@
+"""Frozen foundation encoders loaded from their official checkpoints."""
