@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions and devices")
     info.add_argument("--json", action="store_true", help="print as JSON")
     sub.add_parser("worker", help="run the JSON-RPC worker on stdin/stdout (what QGIS starts)")
+    add_manage_commands(sub)
     for spec in JOBS.values():
         jp = sub.add_parser(spec.name, help=spec.summary, description=spec.summary)
         for p in spec.params:
@@ -152,10 +153,96 @@ def print_info(as_json: bool) -> int:
     return 0
 
 
+def add_manage_commands(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="list, fetch, import and verify backbone checkpoints")
+    msub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ml = msub.add_parser("list", help="every known checkpoint and whether it is installed")
+    ml.add_argument("--json", action="store_true")
+    mf = msub.add_parser("fetch", help="download, verify and install a checkpoint (resumes partial downloads)")
+    mf.add_argument("name")
+    mf.add_argument("--mirror", help="base URL of a mirror holding the same file names")
+    mi = msub.add_parser("import", help="install a checkpoint file you downloaded yourself")
+    mi.add_argument("name")
+    mi.add_argument("path")
+    mv = msub.add_parser("verify", help="re-check installed checkpoints (hash, integrity, architecture)")
+    mv.add_argument("names", nargs="*", help="default: every installed checkpoint")
+    adapters = sub.add_parser("adapters", help="list or delete fine-tuned adapters")
+    asub = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    al = asub.add_parser("list", help="the adapter library")
+    al.add_argument("--json", action="store_true")
+    ad = asub.add_parser("delete", help="delete an adapter")
+    ad.add_argument("name")
+    for p in (models, adapters):
+        p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def run_manage(args: argparse.Namespace) -> int:
+    from backend import adapters, weights
+
+    if args.command == "models" and args.action == "list":
+        rows = [weights.describe(e) for e in weights.load_registry().values()]
+        if args.json:
+            print(json.dumps(rows))
+        for r in [] if args.json else rows:
+            size = f"~{r['approx_size_mb']:.0f} MB" if r["approx_size_mb"] else "size n/a"
+            print(f"{r['name']:<20} {r['status']:<10} {size:>10}  {r['title']}  [{', '.join(r['used_by'])}]")
+        print(f"cache: {weights.cache_dir()}", file=sys.stderr)
+    elif args.command == "models" and args.action == "fetch":
+        entry = weights.get_entry(args.name)
+        bar = ProgressBar(quiet=False)
+        path = weights.fetch(
+            entry,
+            progress=lambda d, t: bar(d / t if t else 0.0, "downloading", f"{d / 2**20:.0f} MB"),
+            mirror=args.mirror,
+        )
+        bar.close()
+        print(f"{entry.name}: installed and verified at {path}")
+    elif args.command == "models" and args.action == "import":
+        path = weights.import_file(weights.get_entry(args.name), args.path)
+        print(f"{args.name}: verified and installed at {path}")
+    elif args.command == "models" and args.action == "verify":
+        entries = weights.load_registry()
+        names = args.names or [n for n, e in entries.items() if weights.status(e) == "installed"]
+        bad = 0
+        for name in names:
+            r = weights.verify(weights.get_entry(name))
+            bad += r["status"] != "ok"
+            print(f"{name}: {r['status']}" + (f" - {r.get('message', '')} {r['fix']}" if r["status"] != "ok" else ""))
+        if not names:
+            print("no checkpoint is installed")
+        return 1 if bad else 0
+    elif args.command == "adapters" and args.action == "list":
+        rows = adapters.list_adapters()
+        if args.json:
+            print(json.dumps(rows))
+        for r in [] if args.json else rows:
+            print(f"{r['name']:<30} {r['method']:<10} {r['backbone']:<14} bands {r['bands']}  {r['created_at']}")
+        if not rows and not args.json:
+            print(f"no adapters yet (library: {adapters.library_dir()})")
+    elif args.command == "adapters" and args.action == "delete":
+        adapters.delete(args.name)
+        print(f"deleted adapter {args.name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return print_info(args.json)
+    if args.command in ("models", "adapters"):
+        try:
+            return run_manage(args)
+        except KeyboardInterrupt:
+            print("\nCancelled (a partial download is kept and resumed by the next fetch).", file=sys.stderr)
+            return 1
+        except Exception as exc:
+            err = to_job_error(exc)
+            if args.debug:
+                traceback.print_exception(exc)
+            print(f"Error: {err.message}", file=sys.stderr)
+            if err.hint:
+                print(f"Hint: {err.hint}", file=sys.stderr)
+            return 2 if err.code in BAD_INPUT_CODES else 1
     if args.command == "worker":
         from backend.worker import main as worker_main
 

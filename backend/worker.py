@@ -18,8 +18,9 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, TextIO
 
+from backend import adapters, weights
 from backend import protocol as P
-from backend.jobs import JOBS
+from backend.jobs import JOBS, SERVICE_JOBS
 from backend.jobs.base import Cancelled, JobContext, JobSpec, run_job, to_job_error
 
 log = logging.getLogger("backend")
@@ -88,6 +89,10 @@ class Worker:
             P.INITIALIZE: self._initialize,
             P.JOB_START: self._job_start,
             P.JOB_CANCEL: self._job_cancel,
+            P.MODELS_LIST: lambda _: {"models": [weights.describe(e) for e in weights.load_registry().values()]},
+            P.MODELS_FETCH: self._models_fetch,
+            P.ADAPTERS_LIST: lambda _: {"adapters": adapters.list_adapters()},
+            P.ADAPTERS_DELETE: self._adapters_delete,
             P.SHUTDOWN: self._shutdown,
         }.get(msg["method"])
         if handler is None:
@@ -98,6 +103,9 @@ class Worker:
             return
         try:
             result = handler(params)
+        except P.JobError as exc:
+            self.send(P.error_response(msg_id, P.INVALID_PARAMS, exc.message, exc.to_dict()))
+            return
         except ValueError as exc:
             self.send(P.error_response(msg_id, P.INVALID_PARAMS, str(exc)))
             return
@@ -140,7 +148,23 @@ class Worker:
         job_params = params.get("params") or {}
         if not isinstance(job_params, dict):
             raise ValueError("job parameters must be an object")
-        values = spec.validate(job_params)
+        return self._enqueue(spec, spec.validate(job_params))
+
+    def _models_fetch(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Downloads run as queued jobs: job.progress while downloading, job.finished/failed at the end."""
+        spec = SERVICE_JOBS["models.fetch"]
+        values = spec.validate(params)
+        weights.get_entry(values["name"])  # unknown names are refused at once
+        return self._enqueue(spec, values)
+
+    def _adapters_delete(self, params: dict[str, Any]) -> dict[str, Any]:
+        name = params.get("name")
+        if not isinstance(name, str):
+            raise ValueError("adapters.delete needs the adapter's name")
+        adapters.delete(name)
+        return {"deleted": name}
+
+    def _enqueue(self, spec: JobSpec, values: dict[str, Any]) -> dict[str, Any]:
         ctx = JobContext()
         ctx.on_progress = lambda f, stage, message: self.send(
             P.notification(P.JOB_PROGRESS, {"job_id": ctx.job_id, "fraction": f, "stage": stage, "message": message})

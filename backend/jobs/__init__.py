@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from backend.jobs import change_cva
+from backend.jobs import change_cva, models
 from backend.jobs.base import JobSpec
 
 JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (change_cva.SPEC,)}
+# Jobs the worker runs for its own requests (models.fetch), not offered as raster jobs.
+SERVICE_JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (models.SPEC,)}

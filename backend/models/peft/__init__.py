@@ -1,0 +1,1 @@
+"""Generic parameter-efficient fine-tuning pieces: LoRA, freezing policies, parameter accounting."""
