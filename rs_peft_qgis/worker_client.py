@@ -149,7 +149,23 @@ class WorkerClient:
         on_log: Callable[[str, str], None] | None = None,
     ) -> JobHandle:
         result = self.request(self.P.JOB_START, {"job": job, "params": params})
-        handle = JobHandle(result["job_id"], on_progress, on_log)
+        return self._track(result["job_id"], on_progress, on_log)
+
+    def fetch_model(
+        self, name: str, mirror: str | None = None, on_progress: Callable[[float, str, str], None] | None = None
+    ) -> JobHandle:
+        """Download a backbone checkpoint in the worker; it runs as a job (progress, cancel)."""
+        params = {"name": name, **({"mirror": mirror} if mirror else {})}
+        result = self.request(self.P.MODELS_FETCH, params)
+        return self._track(result["job_id"], on_progress, None)
+
+    def _track(
+        self,
+        job_id: str,
+        on_progress: Callable[[float, str, str], None] | None,
+        on_log: Callable[[str, str], None] | None,
+    ) -> JobHandle:
+        handle = JobHandle(job_id, on_progress, on_log)
         with self._lock:
             self._jobs[handle.job_id] = handle
             early = self._early.pop(handle.job_id, [])
