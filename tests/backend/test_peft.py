@@ -147,3 +147,18 @@ def test_bad_lora_settings_are_refused() -> None:
         LoRAQKV(nn.Linear(4, 10), rank=2)
     with pytest.raises(ValueError):
         LoRAQKV(nn.Linear(4, 12), rank=2, targets="qx")
+
+
+def test_sam_vit_b_with_rank_8_lora_on_every_qkv_matches_the_hand_count() -> None:
+    from backend.models.backbones import sam_vit
+
+    with torch.device("meta"):  # shapes only: no 90M-parameter allocation
+        model = sam_vit.build("vit_b")
+        frozen_total = count_parameters(model).total
+        lora_on_qkv(model, rank=8)
+    apply_freezing(model, FreezePolicy())
+    c = count_parameters(model)
+    # 12 blocks, each qkv 768 -> 2304: A is 8 x 768, B is 2304 x 8.
+    assert c.trainable == 12 * (8 * 768 + 2304 * 8) == 294_912
+    assert c.total == frozen_total + 294_912
+    assert frozen_total == 89_670_912  # SAM ViT-B image encoder, as segment-anything builds it
