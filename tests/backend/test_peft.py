@@ -14,7 +14,15 @@ from backend.models.peft.freeze import (
     count_parameters,
     param_groups,
 )
-from backend.models.peft.lora import LoRALinear, LoRAQKV, lora_modules, lora_on_qkv, merge_lora, unmerge_lora
+from backend.models.peft.lora import (
+    LoRALinear,
+    LoRAQKV,
+    inject_lora,
+    lora_modules,
+    lora_on_qkv,
+    merge_lora,
+    unmerge_lora,
+)
 
 
 class Attn(nn.Module):
@@ -162,3 +170,29 @@ def test_sam_vit_b_with_rank_8_lora_on_every_qkv_matches_the_hand_count() -> Non
     assert c.trainable == 12 * (8 * 768 + 2304 * 8) == 294_912
     assert c.total == frozen_total + 294_912
     assert frozen_total == 89_670_912  # SAM ViT-B image encoder, as segment-anything builds it
+
+
+def test_lora_on_any_linear_layers(x: torch.Tensor) -> None:
+    model = TinyModel().eval()
+    before = model(x)
+    names = inject_lora(model, lambda n, _: n.endswith("mlp.2"), lambda _, layer: LoRALinear(layer, rank=2))
+    assert names == [f"blocks.{i}.mlp.2" for i in range(3)]
+    assert torch.equal(model(x), before)
+
+
+def test_qv_lora_on_tiny_vit_slices_q_and_v_head_by_head() -> None:
+    from backend.models.backbones import tiny_vit
+
+    model = tiny_vit.build("tiny").eval()
+    names = lora_on_qkv(model, rank=2, targets="qv")
+    attn = model.get_submodule(names[0].rpartition(".")[0])
+    lora = attn.qkv
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    tokens = torch.randn(1, 9, lora.in_features)
+    delta = (lora(tokens) - lora.base(tokens)).view(1, 9, attn.num_heads, 3, attn.head_dim)
+    assert delta[:, :, :, 1].abs().max() == 0  # k untouched in every head
+    assert delta[:, :, :, 0].abs().max() > 0 and delta[:, :, :, 2].abs().max() > 0
+    unmerged = lora(tokens)
+    lora.merge()
+    assert torch.allclose(lora(tokens), unmerged, atol=1e-5)

@@ -63,14 +63,32 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+def qkv_rows(dim: int, slice_: int, num_heads: int | None = None) -> torch.Tensor:
+    """Output rows of q (0), k (1) or v (2) in a fused qkv projection of width 3 * dim.
+
+    Layout [q | k | v] (SAM's ViT) by default; with `num_heads`, per head [q_h, k_h, v_h] (TinyViT).
+    """
+    if num_heads is None:
+        return torch.arange(slice_ * dim, (slice_ + 1) * dim)
+    hd = dim // num_heads
+    return torch.cat([torch.arange(h * 3 * hd + slice_ * hd, h * 3 * hd + (slice_ + 1) * hd) for h in range(num_heads)])
+
+
 class LoRAQKV(nn.Module):
     """LoRA on a fused qkv projection (d -> 3d) with a separate low-rank update per chosen slice.
 
-    `targets` picks the slices, e.g. "qv" as in the LoRA paper's attention recipe.
+    `targets` picks the slices, e.g. "qv" as in the LoRA paper's attention recipe; `num_heads` is given
+    when the projection interleaves q, k, v head by head.
     """
 
     def __init__(
-        self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0, targets: str = QKV
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        targets: str = QKV,
+        num_heads: int | None = None,
     ) -> None:
         super().__init__()
         if base.out_features % 3:
@@ -80,10 +98,10 @@ class LoRAQKV(nn.Module):
         self.base = base
         self.rank = rank
         self.scaling = (alpha if alpha is not None else rank) / rank
-        self.slices = [QKV.index(t) for t in targets]
         d = base.out_features // 3
-        self.dim = d
-        n = len(self.slices)
+        rows = torch.stack([qkv_rows(d, QKV.index(t), num_heads) for t in targets])
+        self.register_buffer("rows", rows, persistent=False)
+        n = len(targets)
         self.lora_A = nn.Parameter(torch.empty(n, rank, base.in_features, dtype=base.weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(n, d, rank, dtype=base.weight.dtype))
         for a in self.lora_A:
@@ -101,8 +119,8 @@ class LoRAQKV(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         delta = torch.zeros_like(self.base.weight)
-        for i, s in enumerate(self.slices):
-            delta[s * self.dim : (s + 1) * self.dim] = (self.lora_B[i] @ self.lora_A[i]) * self.scaling
+        for i, rows in enumerate(self.rows):
+            delta[rows] = (self.lora_B[i] @ self.lora_A[i]).to(delta.dtype) * self.scaling
         return delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +128,10 @@ class LoRAQKV(nn.Module):
         if self.merged:
             return y
         h = self.dropout(x)
-        parts = list(y.split(self.dim, dim=-1))
-        for i, s in enumerate(self.slices):
-            parts[s] = parts[s] + (h @ self.lora_A[i].T @ self.lora_B[i].T) * self.scaling
-        return torch.cat(parts, dim=-1)
+        update = torch.zeros_like(y)
+        for i, rows in enumerate(self.rows):
+            update[..., rows] = ((h @ self.lora_A[i].T @ self.lora_B[i].T) * self.scaling).to(y.dtype)
+        return y + update
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -134,14 +152,14 @@ LoRAModule = LoRALinear | LoRAQKV
 def inject_lora(
     model: nn.Module,
     select: Callable[[str, nn.Linear], bool],
-    make: Callable[[nn.Linear], nn.Module],
+    make: Callable[[str, nn.Linear], nn.Module],
 ) -> list[str]:
-    """Replace every nn.Linear for which select(name, layer) is true by make(layer); returns the names."""
+    """Replace every nn.Linear for which select(name, layer) is true by make(name, layer); returns the names."""
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and select(n, m)]
     for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(layer))
+        setattr(parent, child, make(name, layer))
     return [n for n, _ in targets]
 
 
@@ -149,12 +167,15 @@ def lora_on_qkv(
     model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0, targets: str = QKV
 ) -> list[str]:
     """LoRA on every fused `attn.qkv` projection: one pair for all of q, k, v when targets == 'qkv'
-    (LoRALinear, FILF's layout), else a pair per chosen slice (LoRAQKV)."""
+    (LoRALinear, FILF's layout), else a pair per chosen slice (LoRAQKV; an attention module whose
+    `qkv_heads_interleaved` is true gets the head-by-head slicing)."""
 
-    def make(layer: nn.Linear) -> nn.Module:
+    def make(name: str, layer: nn.Linear) -> nn.Module:
         if targets == QKV:
             return LoRALinear(layer, rank, alpha, dropout)
-        return LoRAQKV(layer, rank, alpha, dropout, targets)
+        attn = model.get_submodule(name.rpartition(".")[0])
+        heads = attn.num_heads if getattr(attn, "qkv_heads_interleaved", False) else None
+        return LoRAQKV(layer, rank, alpha, dropout, targets, heads)
 
     return inject_lora(model, lambda n, _: n.endswith("attn.qkv"), make)
 
