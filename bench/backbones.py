@@ -28,8 +28,8 @@ MODELS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "sam_vit_h": ("sam_vit", "vit_h", (3, 1024, 1024)),
     "uniperceiver_vit_l": ("vit", "uniperceiver_vit_l", (3, 224, 224)),
     "scalemae_vit_l": ("vit", "scalemae_vit_l", (3, 224, 224)),
-    "ipt": ("ipt", "ipt", ()),  # input built by the family's bench_input()
-    "edsr_baseline_x2": ("edsr", "edsr_baseline", ()),
+    "ipt": ("ipt", "ipt", (576, 16, 16)),  # the body's fixed 16x16 grid of 576-d features (PanAdapter)
+    "edsr_baseline_x2": ("edsr", "edsr_baseline", (3, 64, 64)),  # PanAdapter's 64x64 training patches
 }
 
 CHILD = """
@@ -38,8 +38,7 @@ import torch
 family, variant, shape, device, dtype, batch, seconds, math_attn = json.loads(sys.argv[1])
 mod = importlib.import_module(f"backend.models.backbones.{family}")
 model = mod.build(variant).eval().to(device)
-x = mod.bench_input(variant, batch) if not shape else torch.randn(batch, *shape)
-x = x.to(device)
+x = torch.randn(batch, *shape).to(device)
 dt = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 params = sum(p.numel() for p in model.parameters())
 
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = json.loads(proc.stdout.strip().splitlines()[-1]) | {"model": name, "input": "x".join(map(str, shape))}
         records.append(rec)
         print(
-            f"{name:<20} {rec['input'] or 'native':<16} {rec['params_m']:9.1f} {rec['images_per_s']:8.3f} "
+            f"{name:<20} {rec['input']:<16} {rec['params_m']:9.1f} {rec['images_per_s']:8.3f} "
             f"{rec['s_per_batch']:8.2f} {rec['peak_mb']:9.0f}"
         )
     out = {

@@ -70,10 +70,16 @@ class IPTConfig:
 VARIANTS: dict[str, IPTConfig] = {
     "ipt": IPTConfig(),
     "tiny": IPTConfig(
-        img_dim=8, patch_dim=2, num_channels=8, embedding_dim=32, num_heads=4, num_layers=2, hidden_dim=64,
+        img_dim=8,
+        patch_dim=2,
+        num_channels=8,
+        embedding_dim=32,
+        num_heads=4,
+        num_layers=2,
+        hidden_dim=64,
         num_queries=2,
     ),
-}  # fmt: skip
+}
 
 
 class Attention(nn.Module):
@@ -100,7 +106,7 @@ class Attention(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        return x.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+        return x.reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
 
 
 class EncoderLayer(nn.Module):
@@ -213,7 +219,8 @@ class IPTBody(Backbone):
         memory = None
         for i, block in enumerate(self.blocks):
             if isinstance(block, DecoderLayer):
-                memory = tokens if memory is None else memory  # the (possibly adapted) encoder output
+                if memory is None:
+                    memory = tokens  # the encoder output, after any adapter hook
                 tokens = block(tokens, memory, query_pos, layer_pos)
             else:
                 tokens = block(tokens, layer_pos)
