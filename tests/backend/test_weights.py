@@ -235,3 +235,12 @@ def test_cli_models_commands(registry: Path, server: FileServer) -> None:
     assert cli("models", "verify").stdout.strip() == "sam_tiny: ok"
     missing = cli("models", "fetch", "nope")
     assert missing.returncode == 2 and "no model named 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_read_checkpoint_unwraps_containers_and_reads_legacy_files(tmp_path: Path) -> None:
+    from backend.models.backbones.loading import read_checkpoint
+
+    torch.save({"model": {"a": torch.ones(2)}, "epoch": 3}, tmp_path / "zip.pth")
+    torch.save({"state_dict": {"b": torch.ones(3)}}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert list(read_checkpoint(tmp_path / "zip.pth")) == ["a"]
+    assert torch.equal(read_checkpoint(tmp_path / "legacy.pth")["b"], torch.ones(3))

@@ -20,7 +20,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
     Unwraps the usual containers ({"model": ...}, {"state_dict": ...}, {"params": ...}).
     """
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:  # memory-mapped: verifying or loading ViT-H does not need 2.5 GB of RAM up front
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (pre-zipfile) checkpoints cannot be mapped
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     for key in ("model", "state_dict", "params", "module"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
