@@ -46,3 +46,18 @@ def environment_info() -> dict[str, Any]:
         "devices": devices,
         "default_device": devices[-1]["name"],
     }
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' -> CUDA when there is one, else CPU; a forced CUDA device without one is a clear error."""
+    import torch
+
+    from backend.protocol import INVALID_INPUT, JobError
+
+    if requested in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise JobError(INVALID_INPUT, "A GPU (CUDA) was requested but none is available.", "Choose device 'cpu' or 'auto'.")
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise JobError(INVALID_INPUT, f"Unknown device '{requested}'.", "Use auto, cpu, cuda or cuda:N.")
+    return requested

@@ -18,16 +18,13 @@ from scipy import ndimage
 
 from backend.io.raster import Grid, RasterSource, overlap_grid
 from backend.io.tiling import TileSpec, block_windows, run_tiled
-from backend.io.vectorize import vectorize
 from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.metrics.change import BinaryConfusion
-from backend.protocol import INVALID_INPUT, JobError, JobResult, Output
+from backend.jobs.change_outputs import ChangeOutputs
+from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 HIST_BINS = 2048
 GAUSS_TRUNCATE = 3.0
-PROB_NODATA = -1.0
-MASK_NODATA = 255
 
 PARAMS = (
     Param("before", str, "Raster of the first date (its grid is the output grid).", required=True),
@@ -168,74 +165,20 @@ def otsu_threshold(hist: np.ndarray, edges: np.ndarray) -> float:
 def _write_outputs(
     ctx: JobContext, p: dict[str, Any], out_dir: Path, grid: Grid, mag_path: Path, threshold: float, block: int
 ) -> JobResult:
-    name = p["name"]
-    finals = [
-        out_dir / f"{name}_change_probability.tif",
-        out_dir / f"{name}_change_mask.tif",
-        out_dir / f"{name}_changes.gpkg",
-    ]
-    prob_path, mask_path, gpkg_path = (ctx.output_path(f) for f in finals)
     # Logistic of the distance to the threshold: 0.5 at the threshold, ~0.98 at twice it.
     scale = max(threshold, 1e-6) / 4
-    ref = (
-        RasterSource(p["reference"], [1], grid=grid, resampling=Resampling.nearest, what="reference")
-        if p["reference"]
-        else None
-    )
-    conf = BinaryConfusion()
-    changed = valid_px = 0
     with (
         rasterio.open(mag_path) as mag_ds,
-        GeoTiffWriter(prob_path, grid, 1, "float32", PROB_NODATA, ("change probability",), block=block) as prob_w,
-        GeoTiffWriter(
-            mask_path, grid, 1, "uint8", MASK_NODATA, ("change mask",), Resampling.mode, block=block
-        ) as mask_w,
+        ChangeOutputs(ctx, out_dir, p["name"], grid, block, reference=p["reference"]) as outs,
     ):
         wins = list(block_windows(grid.width, grid.height, block))
         for i, win in enumerate(wins):
             mag = mag_ds.read(1, window=win)
             valid = np.isfinite(mag)
             mag = np.where(valid, mag, 0.0)
-            prob = 1.0 / (1.0 + np.exp(-np.clip((mag - threshold) / scale, -60, 60)))
-            mask = (mag > threshold).astype(np.uint8)
-            prob_w.write(win, prob[None], valid)
-            mask_w.write(win, mask[None], valid)
-            changed += int(np.count_nonzero(mask & valid))
-            valid_px += int(np.count_nonzero(valid))
-            if ref is not None:
-                r, rv = ref.read(win)
-                conf.update(mask, r[0] > 0, valid & rv)
+            outs.write(win, 1.0 / (1.0 + np.exp(-np.clip((mag - threshold) / scale, -60, 60))), valid)
             ctx.progress(0.75 + 0.15 * (i + 1) / len(wins), "writing outputs")
-    if ref is not None:
-        ref.close()
-    n_polys = vectorize(
-        mask_path,
-        gpkg_path,
-        layer="changes",
-        conf_path=prob_path,
-        block=block,
-        simplify_px=p["simplify"],
-        min_area_m2=p["min_area_m2"],
-        class_names={1: "change"},
-        on_block_row=lambda d, t: ctx.progress(0.9 + 0.1 * d / t, "vectorizing"),
-    )
-    metrics: dict[str, Any] = {
-        "threshold": threshold,
-        "changed_fraction": changed / valid_px if valid_px else 0.0,
-        "changed_pixels": changed,
-        "polygons": n_polys,
-    }
-    if grid.georeferenced and grid.crs is not None and not grid.crs.is_geographic:
-        pixel_area = abs(grid.transform.a * grid.transform.e - grid.transform.b * grid.transform.d)
-        metrics["changed_area_m2"] = changed * pixel_area * grid.crs.linear_units_factor[1] ** 2
-    if ref is not None:
-        metrics.update(conf.metrics())
-    outputs = [
-        Output(str(finals[0]), "raster", f"{name} change probability", "change_probability.qml"),
-        Output(str(finals[1]), "raster", f"{name} change mask", "change_mask.qml"),
-        Output(str(finals[2]), "vector", f"{name} changes", "change_polygons.qml"),
-    ]
-    return JobResult(outputs=outputs, metrics=metrics)
+    return outs.finish(p["simplify"], p["min_area_m2"], extra={"threshold": threshold})
 
 
 SPEC = JobSpec("change.cva", "Change-vector analysis with an Otsu threshold (classical baseline).", PARAMS, run)
