@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -227,6 +228,14 @@ def run_manage(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Warnings reach the terminal through the job's log callback; the log records only with --debug.
+    backend_log = logging.getLogger("backend")
+    backend_log.propagate = False
+    if getattr(args, "debug", False):
+        backend_log.addHandler(logging.StreamHandler(sys.stderr))
+        backend_log.setLevel(logging.INFO)
+    else:
+        backend_log.addHandler(logging.NullHandler())
     if args.command == "info":
         return print_info(args.json)
     if args.command in ("models", "adapters"):

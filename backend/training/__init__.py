@@ -1,0 +1,1 @@
+"""Training: data sampling and the fine-tuning loop."""

@@ -1,0 +1,210 @@
+"""Training data for change detection: the analyst's labelled area, split by area, sampled as patches.
+
+The labelled area (an AOI, or the whole overlap when small) is read once on the before grid: both
+dates (the after raster aligned on the fly) and a label raster (0 no change, 1 change, IGNORE where
+nothing is known). The area is split into a training and a validation part along its longer side,
+so validation pixels never appear in a training patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from backend.io.raster import Grid, RasterSource, open_dataset, overlap_grid
+from backend.io.rasterize import IGNORE, rasterize_labels, read_polygons
+from backend.protocol import INVALID_INPUT, JobError
+
+# Without an AOI the whole overlap is the training area; beyond this many pixels, ask for an AOI.
+MAX_AREA_PX = 4096 * 4096
+
+
+@dataclass
+class TrainingArea:
+    before: np.ndarray  # (C, H, W) float32, raw values
+    after: np.ndarray  # (C, H, W) float32, aligned onto the before grid
+    label: np.ndarray  # (H, W) uint8: 0, 1, IGNORE
+    grid: Grid
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.label.shape
+
+
+def _is_raster(path: str) -> bool:
+    try:
+        open_dataset(path, "label").close()
+    except JobError:
+        return False
+    return True
+
+
+def load_training_area(
+    before: str,
+    after: str,
+    labels: str,
+    aoi: str | None = None,
+    bands: list[int] | None = None,
+    label_field: str | None = None,
+    warnings: list[str] | None = None,
+) -> TrainingArea:
+    """Read both dates and the labels over the labelled area (see module docstring)."""
+    with RasterSource(before, bands, what="before") as b0, RasterSource(after, bands, what="after") as a0:
+        if b0.count != a0.count:
+            raise JobError(
+                INVALID_INPUT,
+                f"The before raster has {b0.count} band(s) to compare but the after raster has {a0.count}.",
+                "Choose the same bands of both rasters.",
+            )
+        grid = overlap_grid(b0.native, a0.native, ("before", "after"))
+    aoi_polys = read_polygons(aoi, grid.crs, what="area of interest", warnings=warnings) if aoi else None
+    if _is_raster(labels):
+        label, sub = _raster_labels(labels, grid, aoi_polys)
+    else:
+        polys = read_polygons(labels, grid.crs, class_field=label_field, what="label", warnings=warnings)
+        if aoi_polys is None:
+            _check_size(grid)
+        label, sub = rasterize_labels(polys, grid, aoi=aoi_polys)
+        label = np.where(label == IGNORE, IGNORE, (label > 0).astype(np.uint8))
+    if not np.any(label == 1):
+        raise JobError(
+            INVALID_INPUT,
+            "The labels mark no change inside the area of interest.",
+            "Draw at least one change polygon inside the area (everything else in it counts as unchanged).",
+        )
+    win = Window(0, 0, sub.width, sub.height)
+    with (
+        RasterSource(before, bands, grid=sub, what="before") as b,
+        RasterSource(after, bands, grid=sub, what="after") as a,
+    ):
+        xb, vb = b.read(win)
+        xa, va = a.read(win)
+    label = np.where(vb & va, label, IGNORE).astype(np.uint8)
+    return TrainingArea(xb, xa, label, sub)
+
+
+def _check_size(grid: Grid) -> None:
+    if grid.width * grid.height > MAX_AREA_PX:
+        raise JobError(
+            INVALID_INPUT,
+            f"The rasters overlap over {grid.width}x{grid.height} pixels, too large to use whole as a training area.",
+            "Choose an area of interest around your labels.",
+        )
+
+
+def _raster_labels(labels: str, grid: Grid, aoi) -> tuple[np.ndarray, Grid]:
+    """A change-mask raster (non-zero = change, nodata = unknown) on the grid, inside the AOI."""
+    sub = grid
+    inside = None
+    if aoi is not None:
+        inside, sub = rasterize_labels(aoi, grid)  # the AOI burned as 1 on its own sub-grid
+        inside = inside > 0
+    else:
+        _check_size(grid)
+    with RasterSource(labels, [1], grid=sub, resampling=Resampling.nearest, what="label") as src:
+        data, valid = src.read(Window(0, 0, sub.width, sub.height))
+    label = np.where(valid, (data[0] > 0).astype(np.uint8), IGNORE)
+    if inside is not None:
+        label = np.where(inside, label, IGNORE)
+    return label.astype(np.uint8), sub
+
+
+@dataclass
+class Split:
+    """Row/column ranges of the training and validation parts of an area."""
+
+    train: tuple[slice, slice]
+    val: tuple[slice, slice]
+
+
+def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float) -> Split:
+    """Cut the area along its longer side: the last `val_fraction` (at least one patch) validates."""
+    h, w = shape
+    axis_len = max(h, w)
+    n_val = max(round(axis_len * val_fraction), patch)
+    if axis_len - n_val < patch or min(h, w) < patch:
+        raise JobError(
+            INVALID_INPUT,
+            f"The labelled area ({w}x{h} pixels) is too small to train and validate on patches of {patch} pixels.",
+            "Choose a larger area of interest or a smaller patch size.",
+        )
+    cut = axis_len - n_val
+    if h >= w:
+        return Split((slice(0, cut), slice(0, w)), (slice(cut, h), slice(0, w)))
+    return Split((slice(0, h), slice(0, cut)), (slice(0, h), slice(cut, w)))
+
+
+def augment(x1: np.ndarray, x2: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The recipe's flips and 90° rotations, applied identically to both dates and the label."""
+    k = int(rng.integers(4))
+    flip_h, flip_v = rng.random() < 0.5, rng.random() < 0.5
+    out = []
+    for a in (x1, x2, y):
+        a = np.rot90(a, k, axes=(-2, -1))
+        if flip_h:
+            a = a[..., :, ::-1]
+        if flip_v:
+            a = a[..., ::-1, :]
+        out.append(np.ascontiguousarray(a))
+    return tuple(out)
+
+
+class PatchSampler:
+    """Random patches from the training parts of several areas, half of them holding change."""
+
+    def __init__(self, areas: list[TrainingArea], splits: list[Split], patch: int, seed: int = 0) -> None:
+        self.patch, self.rng = patch, np.random.default_rng(seed)
+        self.parts = []
+        for area, split in zip(areas, splits, strict=True):
+            rows, cols = split.train
+            label = area.label[rows, cols]
+            change = np.argwhere(label == 1)
+            self.parts.append((area, rows, cols, change))
+
+    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x1s, x2s, ys = [], [], []
+        for i in range(batch):
+            area, rows, cols, change = self.parts[int(self.rng.integers(len(self.parts)))]
+            h, w = rows.stop - rows.start, cols.stop - cols.start
+            p = self.patch
+            if i % 2 == 0 and len(change):  # centre a patch on a changed pixel
+                cy, cx = change[int(self.rng.integers(len(change)))]
+                r = int(np.clip(cy - self.rng.integers(p), 0, h - p))
+                c = int(np.clip(cx - self.rng.integers(p), 0, w - p))
+            else:
+                r, c = int(self.rng.integers(h - p + 1)), int(self.rng.integers(w - p + 1))
+            r, c = r + rows.start, c + cols.start
+            x1, x2, y = augment(
+                area.before[:, r : r + p, c : c + p],
+                area.after[:, r : r + p, c : c + p],
+                area.label[r : r + p, c : c + p],
+                self.rng,
+            )
+            x1s.append(x1)
+            x2s.append(x2)
+            ys.append(y)
+        return np.stack(x1s), np.stack(x2s), np.stack(ys)
+
+
+def val_patches(area: TrainingArea, split: Split, patch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The validation part cut into patches (the last row/column shifted back to stay inside)."""
+    rows, cols = split.val
+    out = []
+    for r in _starts(rows.start, rows.stop, patch):
+        for c in _starts(cols.start, cols.stop, patch):
+            y = area.label[r : r + patch, c : c + patch]
+            if np.any(y != IGNORE):
+                out.append(
+                    (area.before[:, r : r + patch, c : c + patch], area.after[:, r : r + patch, c : c + patch], y)
+                )
+    return out
+
+
+def _starts(lo: int, hi: int, patch: int) -> list[int]:
+    starts = list(range(lo, hi - patch + 1, patch))
+    if not starts or starts[-1] + patch < hi:
+        starts.append(max(hi - patch, lo))
+    return starts
