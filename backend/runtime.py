@@ -57,7 +57,9 @@ def resolve_device(requested: str) -> str:
     if requested in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise JobError(INVALID_INPUT, "A GPU (CUDA) was requested but none is available.", "Choose device 'cpu' or 'auto'.")
+        raise JobError(
+            INVALID_INPUT, "A GPU (CUDA) was requested but none is available.", "Choose device 'cpu' or 'auto'."
+        )
     if requested != "cpu" and not requested.startswith("cuda"):
         raise JobError(INVALID_INPUT, f"Unknown device '{requested}'.", "Use auto, cpu, cuda or cuda:N.")
     return requested

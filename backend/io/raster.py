@@ -79,6 +79,33 @@ def open_dataset(path: str | Path, what: str = "raster") -> rasterio.io.DatasetR
     return ds
 
 
+def is_raster(path: str | Path, what: str = "reference") -> bool:
+    """True for a raster, False for a vector layer; a clear error for a missing or unreadable file."""
+    import fiona
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise JobError(
+            INVALID_INPUT, f"The {what} file {p} does not exist.", "Check the path, or pick the layer again."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            rasterio.open(p).close()
+        return True
+    except RasterioIOError:
+        pass
+    try:
+        fiona.open(p).close()
+    except (fiona.errors.FionaError, ValueError):
+        raise JobError(
+            INVALID_INPUT,
+            f"The {what} file {p.name} is neither a raster nor a vector layer that can be read.",
+            "Use a raster (e.g. GeoTIFF) or a polygon layer (e.g. GeoPackage, shapefile).",
+        ) from None
+    return False
+
+
 def check_bands(ds: rasterio.io.DatasetReaderBase, bands: list[int] | None, what: str) -> list[int]:
     """1-based band indexes to read; all bands when none are chosen."""
     if not bands:

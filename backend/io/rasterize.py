@@ -9,7 +9,6 @@ from typing import Any
 
 import fiona
 import numpy as np
-import rasterio.errors
 import shapely
 from rasterio.crs import CRS
 from rasterio.features import rasterize
@@ -109,15 +108,7 @@ def rasterize_labels(
                 "None of the label polygons lies inside the area of interest.",
                 "Draw labels inside the area of interest, or choose a larger area.",
             )
-        left, bottom, right, top = aoi_union.bounds
-        win = _outer_window(from_bounds(left, bottom, right, top, grid.transform))
-        try:
-            win = win.intersection(Window(0, 0, grid.width, grid.height))
-        except rasterio.errors.WindowError:
-            win = None
-        if win is None or win.width < 1 or win.height < 1:
-            raise JobError(INVALID_INPUT, "The area of interest does not overlap the raster.")
-        sub = grid.window_grid(win)
+        sub = aoi_grid(grid, aoi)
     size = (sub.height, sub.width)
     out = rasterize(
         zip(labels.geoms, labels.values, strict=True),
@@ -133,9 +124,19 @@ def rasterize_labels(
     return out, sub
 
 
-def _outer_window(win: Window) -> Window:
-    """The smallest whole-pixel window containing `win` (tolerant of float noise at pixel edges)."""
-    c0, r0 = math.floor(round(win.col_off, 6)), math.floor(round(win.row_off, 6))
-    c1 = math.ceil(round(win.col_off + win.width, 6))
-    r1 = math.ceil(round(win.row_off + win.height, 6))
-    return Window(c0, r0, c1 - c0, r1 - r0)
+def aoi_grid(grid: Grid, aoi: Polygons) -> Grid:
+    """The smallest whole-pixel part of `grid` containing the area of interest (clear error if none)."""
+    left, bottom, right, top = shapely.total_bounds([shape(g) for g in aoi.geoms]).tolist()
+    win = from_bounds(left, bottom, right, top, grid.transform)
+    # Whole pixels, tolerant of float noise at pixel edges, clipped to the grid.
+    c0 = max(math.floor(round(win.col_off, 6)), 0)
+    r0 = max(math.floor(round(win.row_off, 6)), 0)
+    c1 = min(math.ceil(round(win.col_off + win.width, 6)), grid.width)
+    r1 = min(math.ceil(round(win.row_off + win.height, 6)), grid.height)
+    if c1 <= c0 or r1 <= r0:
+        raise JobError(
+            INVALID_INPUT,
+            "The area of interest does not overlap the raster.",
+            "Check that the area of interest lies on the raster (and that its CRS is right).",
+        )
+    return grid.window_grid(Window(c0, r0, c1 - c0, r1 - r0))

@@ -52,15 +52,14 @@ def backbone_checkpoint(backbone: str, allow_random: bool, ctx: JobContext) -> t
     return None, None
 
 
-def normalization(area: TrainingArea, backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
-    """The encoder's own normalisation for 8-bit RGB, else per-band statistics of the training area."""
+def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
+    """The encoder's own normalisation for 8-bit RGB, else per-band statistics of the training areas."""
     entry = weights.load_registry().get(backbone)
     spec = entry.input if entry else {}
-    bands = area.before.shape[0]
+    bands = areas[0].before.shape[0]
     if dtype == np.uint8 and bands == len(spec.get("mean", ())):
         return {"mean": list(spec["mean"]), "std": list(spec["std"])}
-    known = area.label != IGNORE
-    both = np.concatenate([area.before[:, known], area.after[:, known]], axis=1)
+    both = np.concatenate([x[:, a.label != IGNORE] for a in areas for x in (a.before, a.after)], axis=1)
     return {"mean": both.mean(1).tolist(), "std": np.maximum(both.std(1), 1e-6).tolist()}
 
 
@@ -97,6 +96,21 @@ FINETUNE_PARAMS = (
 
 def finetune(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     ctx.protect_inputs(p["before"], p["after"], p["labels"], p["aoi"])
+    resolve_device(p["device"])  # a wrong device fails before the data is read
+    ctx.progress(0.0, "reading labelled area", force=True)
+    area = load_training_area(
+        p["before"], p["after"], p["labels"], p["aoi"], p["bands"], p["label_field"], ctx.warnings
+    )
+    with RasterSource(p["before"], p["bands"]) as src:
+        dtype, bands = src.dtype, src.bands
+    return train_adapter(ctx, [area], dtype, bands, p)
+
+
+def train_adapter(
+    ctx: JobContext, areas: list[TrainingArea], dtype: np.dtype, bands: list[int], p: dict[str, Any]
+) -> JobResult:
+    """Fine-tune on one or more labelled areas and save the adapter (`p` = change.finetune parameters;
+    with several areas, whole areas are held out for validation)."""
     device = resolve_device(p["device"])
     if p["patch_size"] % 32 or p["patch_size"] < 64:
         raise JobError(INVALID_INPUT, "The patch size must be a multiple of 32 and at least 64 pixels.")
@@ -107,15 +121,9 @@ def finetune(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         raise JobError(
             INVALID_INPUT, f"An adapter named '{name}' already exists.", "Choose another name or allow overwriting."
         )
-    ctx.progress(0.0, "reading labelled area", force=True)
-    area = load_training_area(
-        p["before"], p["after"], p["labels"], p["aoi"], p["bands"], p["label_field"], ctx.warnings
-    )
-    with RasterSource(p["before"], p["bands"]) as src:
-        dtype, bands = src.dtype, src.bands
     checkpoint, sha = backbone_checkpoint(p["backbone"], p["allow_random_backbone"], ctx)
     model = build_model(p["backbone"], p["rank"], checkpoint)
-    norm = normalization(area, p["backbone"], dtype)
+    norm = normalization(areas, p["backbone"], dtype)
     cfg = TrainConfig(
         epochs=p["epochs"],
         steps_per_epoch=p["steps_per_epoch"],
@@ -128,8 +136,8 @@ def finetune(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     )
     params = count_parameters(model)
     ctx.log(f"FILF on {p['backbone']}: {params}")
-    result = fit_change(model, [area], normalizer(norm, torch.device(device)), cfg, ctx, model.adapter_state_dict)
-    g = area.grid
+    result = fit_change(model, areas, normalizer(norm, torch.device(device)), cfg, ctx, model.adapter_state_dict)
+    g = areas[0].grid
     meta = AdapterMeta(
         method=METHOD,
         backbone=p["backbone"],
@@ -137,7 +145,7 @@ def finetune(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         bands=bands,
         normalization=norm,
         classes=["no change", "change"],
-        training_area={"bounds": list(g.bounds), "crs": g.crs.to_string() if g.crs else None},
+        training_area={"bounds": list(g.bounds), "crs": g.crs.to_string() if g.crs else None, "areas": len(areas)},
         metrics={f"val_{k}": v for k, v in result.val_metrics.items()},
         config={
             "rank": p["rank"],

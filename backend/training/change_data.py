@@ -14,7 +14,7 @@ import numpy as np
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from backend.io.raster import Grid, RasterSource, open_dataset, overlap_grid
+from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid
 from backend.io.rasterize import IGNORE, rasterize_labels, read_polygons
 from backend.protocol import INVALID_INPUT, JobError
 
@@ -32,14 +32,6 @@ class TrainingArea:
     @property
     def shape(self) -> tuple[int, int]:
         return self.label.shape
-
-
-def _is_raster(path: str) -> bool:
-    try:
-        open_dataset(path, "label").close()
-    except JobError:
-        return False
-    return True
 
 
 def load_training_area(
@@ -61,7 +53,7 @@ def load_training_area(
             )
         grid = overlap_grid(b0.native, a0.native, ("before", "after"))
     aoi_polys = read_polygons(aoi, grid.crs, what="area of interest", warnings=warnings) if aoi else None
-    if _is_raster(labels):
+    if is_raster(labels, "label"):
         label, sub = _raster_labels(labels, grid, aoi_polys)
     else:
         polys = read_polygons(labels, grid.crs, class_field=label_field, what="label", warnings=warnings)
@@ -152,16 +144,32 @@ def augment(x1: np.ndarray, x2: np.ndarray, y: np.ndarray, rng: np.random.Genera
     return tuple(out)
 
 
+Part = tuple[TrainingArea, tuple[slice, slice]]
+
+
+def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) -> tuple[list[Part], list[Part]]:
+    """One area: split by area. Several: whole areas are held out for validation (the last ones)."""
+    if len(areas) == 1:
+        split = split_by_area(areas[0].shape, patch, val_fraction)
+        return [(areas[0], split.train)], [(areas[0], split.val)]
+    for a in areas:
+        if min(a.shape) < patch:
+            raise JobError(
+                INVALID_INPUT, f"A labelled area of {a.shape[1]}x{a.shape[0]} pixels is smaller than a patch."
+            )
+    n_val = min(max(round(len(areas) * val_fraction), 1), len(areas) - 1)
+    whole = [(a, (slice(0, a.shape[0]), slice(0, a.shape[1]))) for a in areas]
+    return whole[:-n_val], whole[-n_val:]
+
+
 class PatchSampler:
     """Random patches from the training parts of several areas, half of them holding change."""
 
-    def __init__(self, areas: list[TrainingArea], splits: list[Split], patch: int, seed: int = 0) -> None:
+    def __init__(self, parts: list[Part], patch: int, seed: int = 0) -> None:
         self.patch, self.rng = patch, np.random.default_rng(seed)
         self.parts = []
-        for area, split in zip(areas, splits, strict=True):
-            rows, cols = split.train
-            label = area.label[rows, cols]
-            change = np.argwhere(label == 1)
+        for area, (rows, cols) in parts:
+            change = np.argwhere(area.label[rows, cols] == 1)
             self.parts.append((area, rows, cols, change))
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,9 +197,9 @@ class PatchSampler:
         return np.stack(x1s), np.stack(x2s), np.stack(ys)
 
 
-def val_patches(area: TrainingArea, split: Split, patch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The validation part cut into patches (the last row/column shifted back to stay inside)."""
-    rows, cols = split.val
+def val_patches(part: Part, patch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A validation part cut into patches (the last row/column shifted back to stay inside)."""
+    area, (rows, cols) = part
     out = []
     for r in _starts(rows.start, rows.stop, patch):
         for c in _starts(cols.start, cols.stop, patch):

@@ -21,7 +21,7 @@ from torch import nn
 from backend.io.rasterize import IGNORE
 from backend.jobs.base import JobContext
 from backend.metrics.change import BinaryConfusion
-from backend.training.change_data import PatchSampler, TrainingArea, split_by_area, val_patches
+from backend.training.change_data import PatchSampler, TrainingArea, train_val_parts, val_patches
 
 
 @dataclass
@@ -67,9 +67,9 @@ def fit_change(
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
-    splits = [split_by_area(a.shape, cfg.patch, cfg.val_fraction) for a in areas]
-    sampler = PatchSampler(areas, splits, cfg.patch, seed=cfg.seed)
-    val = [p for a, s in zip(areas, splits, strict=True) for p in val_patches(a, s, cfg.patch)]
+    train_parts, val_parts = train_val_parts(areas, cfg.patch, cfg.val_fraction)
+    sampler = PatchSampler(train_parts, cfg.patch, seed=cfg.seed)
+    val = [p for part in val_parts for p in val_patches(part, cfg.patch)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     # The official code steps a CosineAnnealing(T_max = epochs // 3) every iteration: kept as is.

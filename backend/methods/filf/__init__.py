@@ -1,0 +1,34 @@
+"""FILF (Huang et al., TGRS 2026): frequency-domain interactive LoRA on a frozen SAM / MobileSAM encoder for
+binary and semantic change detection."""
+
+from .decoder import (
+    MSFFN,
+    BCDDecoder,
+    CoarseDifferenceExtraction,
+    FourierUnit,
+    FrequencyFeatureEnhancement,
+    PredictionHead,
+    SCDDecoder,
+    SCDOutput,
+)
+from .interaction import BiTemporalInteractionLoRA, FrequencyFeatureInteraction, inject_bitemporal_lora
+from .model import BACKBONES, FAMILIES, FILF, build_backbone, build_filf
+
+__all__ = [
+    "BACKBONES",
+    "FAMILIES",
+    "FILF",
+    "MSFFN",
+    "BCDDecoder",
+    "BiTemporalInteractionLoRA",
+    "CoarseDifferenceExtraction",
+    "FourierUnit",
+    "FrequencyFeatureEnhancement",
+    "FrequencyFeatureInteraction",
+    "PredictionHead",
+    "SCDDecoder",
+    "SCDOutput",
+    "build_backbone",
+    "build_filf",
+    "inject_bitemporal_lora",
+]

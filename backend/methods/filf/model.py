@@ -1,0 +1,126 @@
+"""The FILF model: a frozen SAM / MobileSAM encoder shared by both dates, BIF-LoRA in every attention, and
+a BCD or SCD decoder (methods.md §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Literal
+
+import torch
+from torch import nn
+
+from backend.models.backbones import sam_vit, tiny_vit
+from backend.models.backbones.base import Backbone
+from backend.models.backbones.loading import CheckpointMismatch
+from backend.models.peft.freeze import FreezePolicy, apply_freezing
+
+from .decoder import BCDDecoder, SCDDecoder, SCDOutput
+from .interaction import inject_bitemporal_lora
+
+Mode = Literal["bcd", "scd"]
+
+FAMILIES: dict[str, ModuleType] = {"tiny_vit": tiny_vit, "sam_vit": sam_vit}
+
+# Registry model name -> (backbone family in FAMILIES, variant of that family's `build`).
+BACKBONES: dict[str, tuple[str, str]] = {
+    "mobile_sam": ("tiny_vit", "vit_t"),
+    "sam_vit_b": ("sam_vit", "vit_b"),
+    "sam_vit_l": ("sam_vit", "vit_l"),
+    "sam_vit_h": ("sam_vit", "vit_h"),
+    # Randomly initialised miniatures for tests and the demo.
+    "tiny_vit_tiny": ("tiny_vit", "tiny"),
+    "sam_vit_tiny": ("sam_vit", "tiny"),
+}
+
+# The paper's policy: the whole encoder (norms included) is frozen; LoRA and the decoder train.
+POLICY = FreezePolicy(trainable=("decoder.*",))
+
+
+class FILF(nn.Module):
+    """Bi-temporal change detection on a frozen encoder with BiTemporalInteractionLoRA on every qkv.
+
+    forward(x1, x2) with (B, 3, H, W) images of both dates: "bcd" -> (B, 2, H, W) logits; "scd" -> SCDOutput
+    (change logit (B, 1, H, W), sem1 and sem2 (B, num_seg, H, W)). Both dates pass through the encoder as one
+    stacked batch, which is how the LoRA modules find them. Training needs at least 2 pairs per batch (the
+    decoder's Fourier units batch-normalise pooled features).
+    """
+
+    def __init__(
+        self, backbone: Backbone, mode: Mode = "bcd", num_seg: int = 7, rank: int = 8, alpha: float = 1.0
+    ) -> None:
+        super().__init__()
+        if mode not in ("bcd", "scd"):
+            raise ValueError(f"FILF mode must be 'bcd' or 'scd', got {mode!r}")
+        self.mode = mode
+        self.backbone = backbone
+        self.lora_layers = inject_bitemporal_lora(backbone, rank, alpha)
+        if not self.lora_layers:
+            raise ValueError(f"{type(backbone).__name__} has no fused attn.qkv projection to adapt")
+        channels = backbone.config.out_chans
+        self.decoder: BCDDecoder | SCDDecoder = (
+            BCDDecoder(channels, 2) if mode == "bcd" else SCDDecoder(channels, num_seg)
+        )
+        self.freeze()
+
+    def freeze(self) -> None:
+        """Freeze every encoder weight; train the LoRA tensors (`lora_*`) and the decoder."""
+        apply_freezing(self, POLICY)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | SCDOutput:
+        if x1.shape != x2.shape:
+            raise ValueError(f"both dates need the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+        f1, f2 = self.backbone(torch.cat([x1, x2])).chunk(2)
+        return self.decoder(f1, f2, x1.shape[-2:])
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What is saved as the adapter: the trainable tensors, plus the decoder's BatchNorm statistics that
+        its outputs depend on (the frozen encoder comes from its official checkpoint)."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trainable or k.startswith("decoder.")}
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load an adapter saved by `adapter_state_dict`; every key must match in name and shape.
+
+        Raises CheckpointMismatch naming the missing, unexpected and mis-shaped keys before changing anything.
+        """
+        expected = self.adapter_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mis_shaped = [
+            f"{k}: {tuple(state[k].shape)} given, {tuple(expected[k].shape)} expected"
+            for k in sorted(set(state) & set(expected))
+            if state[k].shape != expected[k].shape
+        ]
+        found = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": mis_shaped}
+        problems = [f"{title}: {', '.join(items)}" for title, items in found.items() if items]
+        if problems:
+            raise CheckpointMismatch("The adapter does not fit this FILF model: " + "; ".join(problems))
+        with torch.no_grad():
+            for k, v in expected.items():
+                v.copy_(state[k])
+
+
+def build_backbone(backbone_name: str) -> Backbone:
+    """A randomly initialised encoder for a registry model name (see BACKBONES)."""
+    if backbone_name not in BACKBONES:
+        raise ValueError(f"Unknown FILF backbone {backbone_name!r}; expected one of {', '.join(BACKBONES)}")
+    family, variant = BACKBONES[backbone_name]
+    return FAMILIES[family].build(variant)
+
+
+def build_filf(
+    backbone_name: str,
+    mode: Mode = "bcd",
+    rank: int = 8,
+    alpha: float = 1.0,
+    num_seg: int = 7,
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
+) -> FILF:
+    """FILF on the named backbone. Without `backbone_state` the encoder is randomly initialised; with it (an
+    official checkpoint, e.g. from `read_checkpoint`) the family's `load_official` loads it before the LoRA
+    wrapping renames the qkv projections."""
+    backbone = build_backbone(backbone_name)
+    if backbone_state is not None:
+        FAMILIES[BACKBONES[backbone_name][0]].load_official(backbone, backbone_state)
+    return FILF(backbone, mode, num_seg, rank, alpha)

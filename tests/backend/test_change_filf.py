@@ -1,0 +1,184 @@
+"""change.finetune -> adapter -> change.detect on real LEVIR-CD pairs, and their refusals.
+
+The encoder is the tiny TinyViT configuration with random frozen weights (no checkpoint can be
+downloaded here); the same code runs with the official MobileSAM weights when they are installed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import fiona
+import numpy as np
+import pytest
+import rasterio
+from conftest import ROOT, levir
+from test_raster_io import reproject_file
+
+from backend import adapters
+from backend.jobs import JOBS
+from backend.jobs.base import JobContext, run_job
+from backend.protocol import JobError
+from rs_peft_qgis.worker_client import WorkerClient
+
+FAST = {
+    "backbone": "tiny_vit_tiny",
+    "allow_random_backbone": True,
+    "epochs": 2,
+    "steps_per_epoch": 3,
+    "batch_size": 2,
+    "patch_size": 64,
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RS_PEFT_QGIS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RS_PEFT_QGIS_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def run(job: str, **params) -> tuple[JobContext, object]:
+    spec = JOBS[job]
+    ctx = JobContext()
+    return ctx, run_job(spec, spec.validate(params), ctx)
+
+
+def test_finetune_then_detect_with_the_after_image_in_another_crs(tmp_path: Path) -> None:
+    before, after, label = levir("test_2_0000_0512")
+    after_utm = tmp_path / "after_utm.tif"
+    reproject_file(after, after_utm, "EPSG:32614")
+    _, trained = run(
+        "change.finetune",
+        before=str(before),
+        after=str(after_utm),
+        labels=str(label),
+        adapter_name="levir crop",
+        **FAST,
+    )
+    assert any("randomly initialised" in w for w in trained.warnings)
+    m = trained.metrics
+    assert m["adapter"] == "levir_crop" and 0 < m["trainable_parameters"] < m["total_parameters"]
+    assert 0 <= m["val_f1"] <= 1 and 1 <= m["best_epoch"] <= 2
+    state, meta = adapters.load("levir_crop")
+    assert meta.method == "filf" and meta.backbone == "tiny_vit_tiny" and meta.checkpoint_sha256 is None
+    assert meta.bands == [1, 2, 3] and meta.training_area["crs"] == "EPSG:4326"
+    assert len(meta.config["history"]) == m["best_epoch"] or len(meta.config["history"]) == 2
+    assert all(k.startswith(("backbone.", "decoder.")) for k in state)
+
+    _, detected = run(
+        "change.detect",
+        before=str(before),
+        after=str(after_utm),
+        adapter="levir_crop",
+        out_dir=str(tmp_path / "out"),
+        reference=str(label),
+        tile_size=64,
+    )
+    with rasterio.open(before) as src, rasterio.open(detected.outputs[0].path) as prob:
+        assert prob.crs == src.crs and prob.transform.almost_equals(src.transform)
+        p = prob.read(1)
+    valid = p != -1  # nodata where the reprojected after image does not reach
+    assert valid.mean() > 0.95 and ((p[valid] >= 0) & (p[valid] <= 1)).all()
+    assert {"f1", "precision", "recall", "iou"} <= set(detected.metrics)
+    with fiona.open(detected.outputs[2].path) as gpkg:
+        assert gpkg.schema["properties"].keys() >= {"area_m2", "confidence"}
+
+
+def test_detection_is_reproducible_from_the_saved_adapter(tmp_path: Path) -> None:
+    before, after, label = levir("test_55_0256_0000")
+    run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="a", **FAST)
+    probs = []
+    for i in range(2):
+        _, r = run(
+            "change.detect",
+            before=str(before),
+            after=str(after),
+            adapter="a",
+            out_dir=str(tmp_path / str(i)),
+            tile_size=64,
+        )
+        with rasterio.open(r.outputs[0].path) as ds:
+            probs.append(ds.read(1))
+    assert np.array_equal(probs[0], probs[1])
+
+
+def test_an_adapter_for_another_backbone_is_refused(tmp_path: Path) -> None:
+    before, after, label = levir("test_55_0256_0000")
+    run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="a", **FAST)
+    with pytest.raises(JobError, match="trained on the tiny_vit_tiny backbone, but this job uses mobile_sam"):
+        run(
+            "change.detect",
+            before=str(before),
+            after=str(after),
+            adapter="a",
+            out_dir=str(tmp_path),
+            backbone="mobile_sam",
+        )
+    assert list(tmp_path.glob("*.tif")) == []
+
+
+def _polygons(path: Path, crs: str, rings: list[list[tuple[float, float]]]) -> Path:
+    schema = {"geometry": "Polygon", "properties": {"change": "int"}}
+    with fiona.open(path, "w", driver="GPKG", schema=schema, crs=crs) as dst:
+        for ring in rings:
+            dst.write({"geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {"change": 1}})
+    return path
+
+
+def test_labels_outside_the_aoi_and_empty_label_layers_are_clear_errors(tmp_path: Path) -> None:
+    before, after, _ = levir("test_55_0256_0000")
+    with rasterio.open(before) as ds:
+        left, bottom, right, top = ds.bounds
+    dx, dy = (right - left) / 4, (top - bottom) / 4
+    inside = [(left, bottom), (left + dx, bottom), (left + dx, bottom + dy), (left, bottom)]
+    far = [(x + 1.0, y) for x, y in inside]
+    labels = _polygons(tmp_path / "labels.gpkg", "EPSG:4326", [inside])
+    aoi = _polygons(tmp_path / "aoi.gpkg", "EPSG:4326", [far])
+    with pytest.raises(JobError, match="inside the area of interest"):
+        run(
+            "change.finetune",
+            before=str(before),
+            after=str(after),
+            labels=str(labels),
+            aoi=str(aoi),
+            adapter_name="x",
+            **FAST,
+        )
+    empty = _polygons(tmp_path / "empty.gpkg", "EPSG:4326", [])
+    with pytest.raises(JobError, match="no polygons"):
+        run("change.finetune", before=str(before), after=str(after), labels=str(empty), adapter_name="x", **FAST)
+    assert adapters.list_adapters() == []
+
+
+def test_missing_backbone_weights_say_how_to_get_them() -> None:
+    before, after, label = levir("test_55_0256_0000")
+    with pytest.raises(JobError) as err:
+        run(
+            "change.finetune",
+            before=str(before),
+            after=str(after),
+            labels=str(label),
+            adapter_name="x",
+            **(FAST | {"backbone": "mobile_sam", "allow_random_backbone": False}),
+        )
+    assert err.value.code == "MISSING_WEIGHTS" and "python -m backend models fetch mobile_sam" in err.value.hint
+
+
+def test_finetune_through_the_worker_reports_epochs_and_validation_f1(tmp_path: Path) -> None:
+    before, after, label = levir("test_55_0256_0000")
+    client = WorkerClient(sys.executable, ROOT, env=dict(os.environ))
+    client.start()
+    try:
+        handle = client.run_job(
+            "change.finetune",
+            {"before": str(before), "after": str(after), "labels": str(label), "adapter_name": "w", **FAST},
+            timeout=300,
+        )
+        assert handle.succeeded, handle.outcome
+        epoch_messages = [p["message"] for p in handle.progress if "validation F1" in p["message"]]
+        assert len(epoch_messages) == 2 and epoch_messages[0].startswith("epoch 1/2: loss ")
+        assert [a["name"] for a in client.request("adapters.list")["adapters"]] == ["w"]
+    finally:
+        client.shutdown()
