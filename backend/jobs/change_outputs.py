@@ -102,7 +102,8 @@ class ChangeOutputs:
             pixel_area = abs(g.transform.a * g.transform.e - g.transform.b * g.transform.d)
             metrics["changed_area_m2"] = self.changed * pixel_area * g.crs.linear_units_factor[1] ** 2
         if self.ref is not None:
-            metrics.update(self.confusion.metrics())
+            c = self.confusion
+            metrics.update(self.confusion.metrics(), tp=c.tp, fp=c.fp, fn=c.fn, tn=c.tn)
         outputs = [
             Output(str(self.finals[0]), "raster", f"{self.name} change probability", "change_probability.qml"),
             Output(str(self.finals[1]), "raster", f"{self.name} change mask", "change_mask.qml"),

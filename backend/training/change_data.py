@@ -42,8 +42,12 @@ def load_training_area(
     bands: list[int] | None = None,
     label_field: str | None = None,
     warnings: list[str] | None = None,
+    require_change: bool = True,
 ) -> TrainingArea:
-    """Read both dates and the labels over the labelled area (see module docstring)."""
+    """Read both dates and the labels over the labelled area (see module docstring).
+
+    `require_change=False` accepts an area without any change (negatives next to other areas).
+    """
     with RasterSource(before, bands, what="before") as b0, RasterSource(after, bands, what="after") as a0:
         if b0.count != a0.count:
             raise JobError(
@@ -61,7 +65,7 @@ def load_training_area(
             _check_size(grid)
         label, sub = rasterize_labels(polys, grid, aoi=aoi_polys)
         label = np.where(label == IGNORE, IGNORE, (label > 0).astype(np.uint8))
-    if not np.any(label == 1):
+    if require_change and not np.any(label == 1):
         raise JobError(
             INVALID_INPUT,
             "The labels mark no change inside the area of interest.",

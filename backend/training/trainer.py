@@ -12,16 +12,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from backend.io.rasterize import IGNORE
-from backend.jobs.base import JobContext
 from backend.metrics.change import BinaryConfusion
 from backend.training.change_data import PatchSampler, TrainingArea, train_val_parts, val_patches
+
+if TYPE_CHECKING:  # the jobs package imports this module
+    from backend.jobs.base import JobContext
 
 
 @dataclass

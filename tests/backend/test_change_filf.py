@@ -182,3 +182,29 @@ def test_finetune_through_the_worker_reports_epochs_and_validation_f1(tmp_path: 
         assert [a["name"] for a in client.request("adapters.list")["adapters"]] == ["w"]
     finally:
         client.shutdown()
+
+
+@pytest.mark.cuda
+def test_finetune_and_detect_on_cuda_with_bf16(tmp_path: Path) -> None:
+    before, after, label = levir("test_55_0256_0000")
+    _, trained = run(
+        "change.finetune",
+        before=str(before),
+        after=str(after),
+        labels=str(label),
+        adapter_name="g",
+        **(FAST | {"device": "cuda"}),
+    )
+    assert 0 <= trained.metrics["val_f1"] <= 1
+    _, detected = run(
+        "change.detect",
+        before=str(before),
+        after=str(after),
+        adapter="g",
+        out_dir=str(tmp_path),
+        reference=str(label),
+        device="cuda",
+        tile_size=64,
+        batch_size=8,
+    )
+    assert 0 <= detected.metrics["f1"] <= 1

@@ -1,0 +1,272 @@
+"""FILF (LoRA) against full fine-tuning: step time and peak memory, and change.detect throughput.
+
+Training: the same FILF model and input trained two ways, each in a fresh process so its peak memory is its
+own: PEFT (as built: only LoRA and the decoder train) and full fine-tuning (every parameter trains). A step
+is the recipe's forward + loss + backward + Adam step (lr 2.8e-4). Detection: the real change.detect job on a
+georeferenced pair (default: the bundled 1024² LEVIR-CD test_1) with an adapter saved first into a temporary
+library. The encoder has random weights (cost depends on the architecture, not on the checkpoint).
+Peak memory: VmHWM on CPU, torch.cuda.max_memory_allocated on a GPU.
+Goal: PEFT needs at most 50% of full fine-tuning's peak memory.
+
+    python -m bench.change [--backbone mobile_sam] [--patch 256] [--batch 8] [--device auto|cpu|cuda]
+                           [--dtype fp32|bf16] [--steps 3] [--seconds 0] [--detect-batch 4]
+                           [--before A.tif --after B.tif]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend import adapters, weights
+from backend.adapters import AdapterMeta
+from backend.jobs.change_filf import METHOD, RANDOM_BACKBONE_SEED, build_model
+from backend.methods.filf import BACKBONES, build_filf
+from backend.models.peft.freeze import count_parameters
+from backend.training.trainer import TrainConfig, change_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+LEVIR = ROOT / "tests" / "data" / "levir_cd"
+ADAPTER = "bench_change"
+GOAL = 0.5  # PEFT peak memory / full fine-tuning peak memory
+MB = 2**20
+
+
+def host_memory_mb(field: str) -> float:
+    """VmHWM (peak) or VmRSS (current) of this process in MB; ru_maxrss would include the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_activations_mb(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], device: str, dtype: str) -> float:
+    """MB of the non-parameter tensors one forward keeps for the backward pass (each storage counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"),
+    ):
+        model(*inputs)
+    return sum(saved.values()) / MB
+
+
+def measure_training(
+    backbone: str, full: bool, patch: int, batch: int, device: str, dtype: str, steps: int, seconds: float, rank: int
+) -> dict[str, Any]:
+    """One training configuration: s/step, peak and baseline memory, parameter counts, saved activations."""
+    torch.manual_seed(RANDOM_BACKBONE_SEED)
+    model = build_filf(backbone, "bcd", rank=rank).to(device).train()
+    if full:
+        model.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=TrainConfig().lr)
+    x1, x2 = (torch.randn(batch, 3, patch, patch, device=device) for _ in range(2))
+    label = torch.randint(0, 2, (batch, patch, patch), dtype=torch.uint8, device=device)
+
+    def step() -> None:  # the order of fit_change: the previous gradients live through the forward
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = change_loss(model(x1, x2).float(), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+
+    baseline = torch.cuda.memory_allocated() / MB if device == "cuda" else host_memory_mb("VmRSS")
+    step()  # warm-up: also allocates the gradients and Adam's states
+    runs, t0 = 0, time.perf_counter()
+    while runs < steps or time.perf_counter() - t0 < seconds:
+        step()
+        runs += 1
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / MB if device == "cuda" else host_memory_mb("VmHWM")
+    count = count_parameters(model)
+    return {
+        "mode": "full" if full else "peft",
+        "s_per_step": wall / runs,
+        "steps": runs,
+        "peak_mb": peak,
+        "baseline_mb": baseline,
+        "trainable_params": count.trainable,
+        "total_params": count.total,
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
+        "grads_adam_mb": 3 * sum(p.numel() * p.element_size() for p in trainable) / MB,
+        "saved_activations_mb": saved_activations_mb(model, (x1, x2), device, dtype),
+        "host_peak_mb": host_memory_mb("VmHWM"),
+    }
+
+
+def measure_detection(before: str, after: str, tile: int, batch: int, device: str, out_dir: str) -> dict[str, Any]:
+    """The change.detect job with the library adapter ADAPTER: wall time, megapixels per second, peak memory."""
+    import rasterio
+
+    from backend.jobs import JOBS
+    from backend.jobs.base import JobContext, run_job
+
+    spec = JOBS["change.detect"]
+    params = {"before": before, "after": after, "adapter": ADAPTER, "out_dir": out_dir}
+    params |= {"tile_size": tile, "batch_size": batch, "device": device}
+    t0 = time.perf_counter()
+    result = run_job(spec, spec.validate(params), JobContext())
+    wall = time.perf_counter() - t0
+    with rasterio.open(result.outputs[0].path) as prob:
+        megapixels = prob.width * prob.height / 1e6
+    return {
+        "wall_s": wall,
+        "megapixels": megapixels,
+        "mp_per_s": megapixels / wall,
+        "polygons": result.metrics.get("polygons"),
+        "peak_mb": torch.cuda.max_memory_allocated() / MB if device == "cuda" else host_memory_mb("VmHWM"),
+        "host_peak_mb": host_memory_mb("VmHWM"),
+    }
+
+
+def save_adapter(backbone: str, rank: int, patch: int) -> dict[str, Any]:
+    """An adapter as change.finetune saves it for a random encoder (detect rebuilds it from the same seed)."""
+    entry = weights.load_registry().get(backbone)
+    norm = {k: entry.input[k] for k in ("mean", "std")} if entry else {"mean": [127.5] * 3, "std": [64.0] * 3}
+    meta = AdapterMeta(
+        method=METHOD,
+        backbone=backbone,
+        checkpoint_sha256=None,
+        bands=[1, 2, 3],
+        normalization=norm,
+        classes=["no change", "change"],
+        config={"rank": rank, "mode": "bcd", "patch_size": patch, "random_backbone_seed": RANDOM_BACKBONE_SEED},
+    )
+    folder = adapters.save(ADAPTER, build_model(backbone, rank, None).adapter_state_dict(), meta, overwrite=True)
+    return {"adapter_path": str(folder)}
+
+
+def child(payload: str) -> None:
+    """Entry point of a child process: runs one measurement (or saves the adapter) and prints its record as JSON."""
+    kind, kwargs = json.loads(payload)
+    measure = {"train": measure_training, "adapter": save_adapter, "detect": measure_detection}[kind]
+    print(json.dumps(measure(**kwargs)))
+
+
+def run_child(kind: str, kwargs: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    code = "import sys; from bench.change import child; child(sys.argv[1])"
+    payload = json.dumps([kind, kwargs])
+    proc = subprocess.run([sys.executable, "-c", code, payload], cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} measurement failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="mobile_sam", choices=list(BACKBONES))
+    parser.add_argument("--patch", type=int, default=256, help="training patch and detection tile size")
+    parser.add_argument("--batch", type=int, default=8, help="training pairs per step")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, else fp32")
+    parser.add_argument("--steps", type=int, default=3, help="minimum timed steps (after one warm-up step)")
+    parser.add_argument("--seconds", type=float, default=0.0, help="minimum timed duration per training mode")
+    parser.add_argument("--detect-batch", type=int, default=4, help="tiles per forward pass in change.detect")
+    parser.add_argument("--before", type=Path, default=LEVIR / "test_1_A.tif")
+    parser.add_argument("--after", type=Path, default=LEVIR / "test_1_B.tif")
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    train_args = {"backbone": args.backbone, "patch": args.patch, "batch": args.batch, "device": device}
+    train_args |= {"dtype": dtype, "steps": args.steps, "seconds": args.seconds, "rank": args.rank}
+    peft, full = (run_child("train", train_args | {"full": f}) for f in (False, True))
+
+    work = Path(tempfile.mkdtemp(prefix="rs-peft-bench-"))
+    env = os.environ | {"RS_PEFT_QGIS_DATA_DIR": str(work / "data")}  # a temporary adapter library
+    det_args = {"before": str(args.before.resolve()), "after": str(args.after.resolve()), "tile": args.patch}
+    det_args |= {"batch": args.detect_batch, "device": device, "out_dir": str(work / "out")}
+    try:
+        run_child("adapter", {"backbone": args.backbone, "rank": args.rank, "patch": args.patch}, env)
+        detect = run_child("detect", det_args, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ratios = {k: peft[k] / full[k] for k in ("s_per_step", "peak_mb")}
+    goal_met = ratios["peak_mb"] <= GOAL
+    where = "GPU max allocated" if device == "cuda" else "process VmHWM"
+    print(
+        f"FILF on {args.backbone} (random weights), {args.batch} pairs of {args.patch}², {device} {dtype}, "
+        f"rank {args.rank}; peak memory = {where}"
+    )
+    print(
+        f"{'mode':<10} {'trainable':>11} {'of params':>10} {'s/step':>7} {'steps':>5} {'peak MB':>8} "
+        f"{'start MB':>9} {'grads+Adam MB':>13} {'saved act. MB':>13}"
+    )
+    for r in (peft, full):
+        print(
+            f"{r['mode']:<10} {r['trainable_params']:>11,} {r['total_params']:>10,} {r['s_per_step']:7.2f} "
+            f"{r['steps']:>5} {r['peak_mb']:8.0f} {r['baseline_mb']:9.0f} {r['grads_adam_mb']:13.1f} "
+            f"{r['saved_activations_mb']:13.0f}"
+        )
+    print(f"{'PEFT/full':<33} {ratios['s_per_step']:7.2f} {'':>5} {ratios['peak_mb']:8.2f}")
+    print(
+        f"goal (PEFT peak memory <= {GOAL:.0%} of full fine-tuning's): {'met' if goal_met else 'NOT met'} "
+        f"({ratios['peak_mb']:.0%})"
+    )
+    print(
+        f"change.detect on {args.before.name} ({detect['megapixels']:.2f} MP, tile {args.patch}, batch "
+        f"{args.detect_batch}, {'bf16' if device == 'cuda' else 'fp32'}): {detect['wall_s']:.1f} s, "
+        f"{detect['mp_per_s']:.3f} MP/s, peak {detect['peak_mb']:.0f} MB, {detect['polygons']} polygons"
+    )
+    out = {
+        "benchmark": "change (FILF PEFT vs full fine-tuning, change.detect)",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "weights": "random",
+        "settings": {
+            "backbone": args.backbone,
+            "patch": args.patch,
+            "batch": args.batch,
+            "rank": args.rank,
+            "device": device,
+            "dtype": dtype,
+            "lr": TrainConfig().lr,
+            "detect_batch": args.detect_batch,
+            "detect_dtype": "bf16" if device == "cuda" else "fp32",
+            "detect_pair": [str(args.before), str(args.after)],
+            "peak_memory": where,
+        },
+        "peft": peft,
+        "full": full,
+        "ratios_peft_over_full": ratios,
+        "goal": f"PEFT peak memory <= {GOAL:.0%} of full fine-tuning's",
+        "goal_met": goal_met,
+        "detect": detect,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"change_{device}_{dtype}.json").write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
