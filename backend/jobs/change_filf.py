@@ -89,6 +89,12 @@ FINETUNE_PARAMS = (
     Param("lr", float, "Learning rate (Adam).", default=2.8e-4),
     Param("val_fraction", float, "Share of the labelled area kept for validation.", default=0.25),
     Param("patience", int, "Stop after this many epochs without a better validation IoU.", default=5),
+    Param(
+        "balance_classes",
+        bool,
+        "Weigh changed and unchanged pixels equally in the loss (off = the paper's plain BCE).",
+        default=True,
+    ),
     Param("device", str, "auto, cpu or cuda.", default="auto"),
     Param("overwrite", bool, "Replace an adapter of the same name.", default=False),
 )
@@ -132,6 +138,7 @@ def train_adapter(
         lr=p["lr"],
         val_fraction=p["val_fraction"],
         patience=p["patience"],
+        balance_classes=p["balance_classes"],
         device=device,
     )
     params = count_parameters(model)

@@ -35,6 +35,7 @@ class TrainConfig:
     lr: float = 2.8e-4
     val_fraction: float = 0.25
     patience: int = 5
+    balance_classes: bool = True
     device: str = "cpu"
     seed: int = 32767  # the official seed
 
@@ -50,12 +51,20 @@ class TrainResult:
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
-def change_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits of the (no change, change) channels against one-hot labels, IGNORE excluded."""
+def change_loss(logits: torch.Tensor, label: torch.Tensor, balance: bool = False) -> torch.Tensor:
+    """BCE-with-logits of the (no change, change) channels against one-hot labels, IGNORE excluded.
+
+    With `balance`, changed and unchanged pixels weigh half each however rare change is: analysts'
+    labels are sparse, and plain BCE then settles on "no change" (measured: val F1 0 on LEVIR-CD).
+    """
     known = label != IGNORE
     target = torch.stack([(label == 0), (label == 1)], dim=1).to(logits.dtype)
     per_px = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
-    return (per_px * known).sum() / known.sum().clamp(min=1)
+    if not balance:
+        return (per_px * known).sum() / known.sum().clamp(min=1)
+    changed, unchanged = known & (label == 1), known & (label == 0)
+    parts = [(per_px * m).sum() / m.sum() for m in (changed, unchanged) if m.any()]
+    return torch.stack(parts).mean()
 
 
 def fit_change(
@@ -88,7 +97,7 @@ def fit_change(
             x1, x2 = normalize(x1.to(device)), normalize(x2.to(device))
             y = y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = change_loss(model(x1, x2).float(), y)
+                loss = change_loss(model(x1, x2).float(), y, cfg.balance_classes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
