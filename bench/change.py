@@ -2,14 +2,18 @@
 
 Training: the same FILF model and input trained two ways, each in a fresh process so its peak memory is its
 own: PEFT (as built: only LoRA and the decoder train) and full fine-tuning (every parameter trains). A step
-is the recipe's forward + loss + backward + Adam step (lr 2.8e-4). Detection: the real change.detect job on a
-georeferenced pair (default: the bundled 1024² LEVIR-CD test_1) with an adapter saved first into a temporary
-library. The encoder has random weights (cost depends on the architecture, not on the checkpoint).
-Peak memory: VmHWM on CPU, torch.cuda.max_memory_allocated on a GPU.
+is the recipe's forward + loss + backward + Adam step (TrainConfig: lr 2.8e-4, class-balanced loss).
+Detection: the real change.detect job on a georeferenced pair (default: the bundled 1024² LEVIR-CD test_1)
+with an adapter saved first into a temporary library. The encoder has random weights (cost depends on the
+architecture, not on the checkpoint).
+--dtype sets the training autocast; change.detect uses its own (bf16 autocast on CUDA, fp32 on CPU).
+Peak memory: VmHWM on CPU, torch.cuda.max_memory_allocated on a GPU. Also reported, to explain the peaks: the
+memory at the start of training (model and input), gradients + Adam states (3 × the trainable weights) and
+the activations one forward saves for the backward (counted with saved_tensors_hooks after the timed steps).
 Goal: PEFT needs at most 50% of full fine-tuning's peak memory.
 
     python -m bench.change [--backbone mobile_sam] [--patch 256] [--batch 8] [--device auto|cpu|cuda]
-                           [--dtype fp32|bf16] [--steps 3] [--seconds 0] [--detect-batch 4]
+                           [--dtype fp32|bf16] [--steps 2] [--seconds 0] [--detect-batch 4]
                            [--before A.tif --after B.tif]
 """
 
@@ -84,13 +88,14 @@ def measure_training(
     if full:
         model.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=TrainConfig().lr)
+    recipe = TrainConfig()
+    optimizer = torch.optim.Adam(trainable, lr=recipe.lr)
     x1, x2 = (torch.randn(batch, 3, patch, patch, device=device) for _ in range(2))
     label = torch.randint(0, 2, (batch, patch, patch), dtype=torch.uint8, device=device)
 
     def step() -> None:  # the order of fit_change: the previous gradients live through the forward
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = change_loss(model(x1, x2).float(), label)
+            loss = change_loss(model(x1, x2).float(), label, recipe.balance_classes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -186,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, else fp32")
-    parser.add_argument("--steps", type=int, default=3, help="minimum timed steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=2, help="minimum timed steps (after one warm-up step)")
     parser.add_argument("--seconds", type=float, default=0.0, help="minimum timed duration per training mode")
     parser.add_argument("--detect-batch", type=int, default=4, help="tiles per forward pass in change.detect")
     parser.add_argument("--before", type=Path, default=LEVIR / "test_1_A.tif")
     parser.add_argument("--after", type=Path, default=LEVIR / "test_1_B.tif")
     args = parser.parse_args(argv)
+    load_at_start = os.getloadavg()  # the CPU timings are only as good as the machine is quiet
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     train_args = {"backbone": args.backbone, "patch": args.patch, "batch": args.batch, "device": device}
@@ -241,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {platform.machine()}",
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1_5_15min": {"start": load_at_start, "end": os.getloadavg()},
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "weights": "random",
         "settings": {
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": device,
             "dtype": dtype,
             "lr": TrainConfig().lr,
+            "balance_classes": TrainConfig().balance_classes,
             "detect_batch": args.detect_batch,
             "detect_dtype": "bf16" if device == "cuda" else "fp32",
             "detect_pair": [str(args.before), str(args.after)],
