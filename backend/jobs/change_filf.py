@@ -96,6 +96,13 @@ FINETUNE_PARAMS = (
         default=True,
     ),
     Param("device", str, "auto, cpu or cuda.", default="auto"),
+    Param(
+        "checkpointing",
+        str,
+        "Recompute encoder blocks in the backward pass to save memory (auto: on for CUDA).",
+        default="auto",
+        choices=("auto", "on", "off"),
+    ),
     Param("overwrite", bool, "Replace an adapter of the same name.", default=False),
 )
 
@@ -129,6 +136,8 @@ def train_adapter(
         )
     checkpoint, sha = backbone_checkpoint(p["backbone"], p["allow_random_backbone"], ctx)
     model = build_model(p["backbone"], p["rank"], checkpoint)
+    if p["checkpointing"] == "on" or (p["checkpointing"] == "auto" and device.startswith("cuda")):
+        model.enable_activation_checkpointing()
     norm = normalization(areas, p["backbone"], dtype)
     cfg = TrainConfig(
         epochs=p["epochs"],

@@ -280,3 +280,25 @@ def test_build_filf_loads_an_official_state_and_refuses_unknown_names() -> None:
         build_filf("resnet50")
     with pytest.raises(ValueError, match="mode"):
         FILF(build_backbone("sam_vit_tiny"), mode="segmentation")  # type: ignore[arg-type]
+
+
+def test_activation_checkpointing_keeps_outputs_and_gradients() -> None:
+    from backend.methods.filf import build_filf
+
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_filf("tiny_vit_tiny", "bcd", rank=4).train()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)  # make the LoRA path matter
+        if ckpt:
+            model.enable_activation_checkpointing()
+        g = torch.Generator().manual_seed(1)
+        x1, x2 = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+        model(x1, x2).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A1" in n for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n

@@ -3,12 +3,13 @@ a BCD or SCD decoder (methods.md §4)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from backend.models.backbones import sam_vit, tiny_vit
 from backend.models.backbones.base import Backbone
@@ -73,6 +74,16 @@ class FILF(nn.Module):
         f1, f2 = self.backbone(torch.cat([x1, x2])).chunk(2)
         return self.decoder(f1, f2, x1.shape[-2:])
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each encoder block in the backward pass instead of keeping its activations.
+
+        The gradient must flow back through every block after the first LoRA, so their activations
+        dominate fine-tuning memory (measured: 1.8 of 2.5 GB for batch 8 at 256² on MobileSAM); WEFT's recipe
+        checkpoints its frozen ViT the same way. Costs one extra encoder forward per step.
+        """
+        for block in self.backbone.blocks:
+            block.forward = _checkpointed(block.forward)
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """What is saved as the adapter: the trainable tensors, plus the decoder's BatchNorm statistics that
         its outputs depend on (the frozen encoder comes from its official checkpoint)."""
@@ -124,3 +135,12 @@ def build_filf(
     if backbone_state is not None:
         FAMILIES[BACKBONES[backbone_name][0]].load_official(backbone, backbone_state)
     return FILF(backbone, mode, num_seg, rank, alpha)
+
+
+def _checkpointed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
