@@ -115,14 +115,7 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
     bar.close()
     if "error" in box:
-        exc = box["error"]
-        err = to_job_error(exc)
-        if args.debug:
-            traceback.print_exception(exc)
-        print(f"Error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"Hint: {err.hint}", file=sys.stderr)
-        return 2 if err.code in BAD_INPUT_CODES else 1
+        return report_error(box["error"], args.debug)
     result = box["result"]
     if args.json:
         print(json.dumps(result.to_dict(), allow_nan=False))
@@ -132,6 +125,17 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
         for k, v in result.metrics.items():
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return 0
+
+
+def report_error(exc: BaseException, debug: bool) -> int:
+    """The worker's plain-language message and hint on stderr (traceback only with --debug); the exit code."""
+    err = to_job_error(exc)
+    if debug:
+        traceback.print_exception(exc)
+    print(f"Error: {err.message}", file=sys.stderr)
+    if err.hint:
+        print(f"Hint: {err.hint}", file=sys.stderr)
+    return 2 if err.code in BAD_INPUT_CODES else 1
 
 
 def print_info(as_json: bool) -> int:
@@ -245,13 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\nCancelled (a partial download is kept and resumed by the next fetch).", file=sys.stderr)
             return 1
         except Exception as exc:
-            err = to_job_error(exc)
-            if args.debug:
-                traceback.print_exception(exc)
-            print(f"Error: {err.message}", file=sys.stderr)
-            if err.hint:
-                print(f"Hint: {err.hint}", file=sys.stderr)
-            return 2 if err.code in BAD_INPUT_CODES else 1
+            return report_error(exc, args.debug)
     if args.command == "worker":
         from backend.worker import main as worker_main
 

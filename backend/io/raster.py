@@ -213,6 +213,15 @@ class RasterSource:
         self.close()
 
 
+def require_same_band_count(before: RasterSource, after: RasterSource) -> None:
+    if before.count != after.count:
+        raise JobError(
+            INVALID_INPUT,
+            f"The before raster has {before.count} band(s) to compare but the after raster has {after.count}.",
+            "Choose the same bands of both rasters (bands parameter).",
+        )
+
+
 def overlap_grid(ref: Grid, other: Grid, names: tuple[str, str] = ("first", "second")) -> Grid:
     """The part of the reference grid that the other raster also covers.
 

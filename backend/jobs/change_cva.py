@@ -16,7 +16,7 @@ import rasterio
 from rasterio.enums import Resampling
 from scipy import ndimage
 
-from backend.io.raster import Grid, RasterSource, overlap_grid
+from backend.io.raster import Grid, RasterSource, overlap_grid, require_same_band_count
 from backend.io.tiling import TileSpec, block_windows, run_tiled
 from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
@@ -58,12 +58,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         RasterSource(p["before"], p["bands"], what="before") as probe_b,
         RasterSource(p["after"], p["bands"], what="after") as probe_a,
     ):
-        if probe_b.count != probe_a.count:
-            raise JobError(
-                INVALID_INPUT,
-                f"The before raster has {probe_b.count} band(s) to compare but the after raster has {probe_a.count}.",
-                "Choose the same bands of both rasters (bands parameter).",
-            )
+        require_same_band_count(probe_b, probe_a)
         grid = overlap_grid(probe_b.native, probe_a.native, ("before", "after"))
     if not grid.georeferenced:
         ctx.warn("The rasters are not georeferenced: they are compared pixel by pixel and outputs have no CRS.")

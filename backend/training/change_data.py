@@ -14,7 +14,7 @@ import numpy as np
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid
+from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid, require_same_band_count
 from backend.io.rasterize import IGNORE, rasterize_labels, read_polygons
 from backend.protocol import INVALID_INPUT, JobError
 
@@ -49,12 +49,7 @@ def load_training_area(
     `require_change=False` accepts an area without any change (negatives next to other areas).
     """
     with RasterSource(before, bands, what="before") as b0, RasterSource(after, bands, what="after") as a0:
-        if b0.count != a0.count:
-            raise JobError(
-                INVALID_INPUT,
-                f"The before raster has {b0.count} band(s) to compare but the after raster has {a0.count}.",
-                "Choose the same bands of both rasters.",
-            )
+        require_same_band_count(b0, a0)
         grid = overlap_grid(b0.native, a0.native, ("before", "after"))
     aoi_polys = read_polygons(aoi, grid.crs, what="area of interest", warnings=warnings) if aoi else None
     if is_raster(labels, "label"):

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from backend.models.backbones import sam_vit, tiny_vit
 from backend.models.backbones.base import Backbone
-from backend.models.backbones.loading import CheckpointMismatch
+from backend.models.backbones.loading import CheckpointMismatch, describe_mismatch
 from backend.models.peft.freeze import FreezePolicy, apply_freezing
 
 from .decoder import BCDDecoder, SCDDecoder, SCDOutput
@@ -96,17 +96,9 @@ class FILF(nn.Module):
         Raises CheckpointMismatch naming the missing, unexpected and mis-shaped keys before changing anything.
         """
         expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mis_shaped = [
-            f"{k}: {tuple(state[k].shape)} given, {tuple(expected[k].shape)} expected"
-            for k in sorted(set(state) & set(expected))
-            if state[k].shape != expected[k].shape
-        ]
-        found = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": mis_shaped}
-        problems = [f"{title}: {', '.join(items)}" for title, items in found.items() if items]
+        problems = describe_mismatch(expected, state, "adapter")
         if problems:
-            raise CheckpointMismatch("The adapter does not fit this FILF model: " + "; ".join(problems))
+            raise CheckpointMismatch(f"The adapter does not fit this FILF model: {problems}")
         with torch.no_grad():
             for k, v in expected.items():
                 v.copy_(state[k])

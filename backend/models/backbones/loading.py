@@ -41,6 +41,23 @@ def strip_prefix(prefix: str) -> Callable[[str], str | None]:
     return mapper
 
 
+def describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> str:
+    """Missing, unexpected and mis-shaped keys of `given` against `expected` ("" when they fit)."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mis_shaped = [
+        f"{k}: {tuple(given[k].shape)} in the {source}, {tuple(expected[k].shape)} expected"
+        for k in sorted(set(given) & set(expected))
+        if given[k].shape != expected[k].shape
+    ]
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mis_shaped)):
+        if items:
+            more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+            problems.append(f"{title}: {', '.join(items[:MAX_LISTED])}{more}")
+    return "; ".join(problems)
+
+
 def load_mapped(
     module: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -57,19 +74,7 @@ def load_mapped(
         new = map_key(key)
         if new is not None:
             mapped[new] = value
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    mis_shaped = [
-        f"{k}: {tuple(mapped[k].shape)} in the {source}, {tuple(expected[k].shape)} expected"
-        for k in sorted(set(mapped) & set(expected))
-        if mapped[k].shape != expected[k].shape
-    ]
-    problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mis_shaped)):
-        if items:
-            more = f" (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
-            problems.append(f"{title}: {', '.join(items[:MAX_LISTED])}{more}")
+    problems = describe_mismatch(module.state_dict(), mapped, source)
     if problems:
-        raise CheckpointMismatch(f"The {source} does not fit {type(module).__name__}: " + "; ".join(problems))
+        raise CheckpointMismatch(f"The {source} does not fit {type(module).__name__}: {problems}")
     module.load_state_dict(mapped, strict=True)

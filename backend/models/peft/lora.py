@@ -15,7 +15,37 @@ from torch import nn
 QKV = "qkv"
 
 
-class LoRALinear(nn.Module):
+class _LoRABase(nn.Module):
+    """What both LoRA layers share: the wrapped frozen `base` and folding `delta_weight()` into it."""
+
+    base: nn.Linear
+    merged: bool
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+class LoRALinear(_LoRABase):
     """LoRA on any nn.Linear. On a fused qkv projection this is one update for all of q, k and v
     (FILF's layout: A is r x d, B is 3d x r)."""
 
@@ -32,14 +62,6 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
@@ -49,18 +71,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         return y if self.merged else y + self.lora_update(x)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
 
 
 def qkv_rows(dim: int, slice_: int, num_heads: int | None = None) -> torch.Tensor:
@@ -74,7 +84,7 @@ def qkv_rows(dim: int, slice_: int, num_heads: int | None = None) -> torch.Tenso
     return torch.cat([torch.arange(h * 3 * hd + slice_ * hd, h * 3 * hd + (slice_ + 1) * hd) for h in range(num_heads)])
 
 
-class LoRAQKV(nn.Module):
+class LoRAQKV(_LoRABase):
     """LoRA on a fused qkv projection (d -> 3d) with a separate low-rank update per chosen slice.
 
     `targets` picks the slices, e.g. "qv" as in the LoRA paper's attention recipe; `num_heads` is given
@@ -109,14 +119,6 @@ class LoRAQKV(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
     def delta_weight(self) -> torch.Tensor:
         delta = torch.zeros_like(self.base.weight)
         for i, rows in enumerate(self.rows):
@@ -132,21 +134,6 @@ class LoRAQKV(nn.Module):
         for i, rows in enumerate(self.rows):
             update[..., rows] = ((h @ self.lora_A[i].T @ self.lora_B[i].T) * self.scaling).to(y.dtype)
         return y + update
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
-
-
-LoRAModule = LoRALinear | LoRAQKV
 
 
 def inject_lora(
@@ -180,8 +167,8 @@ def lora_on_qkv(
     return inject_lora(model, lambda n, _: n.endswith("attn.qkv"), make)
 
 
-def lora_modules(model: nn.Module) -> list[LoRALinear | LoRAQKV]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear | LoRAQKV)]
+def lora_modules(model: nn.Module) -> list[_LoRABase]:
+    return [m for m in model.modules() if isinstance(m, _LoRABase)]
 
 
 def merge_lora(model: nn.Module) -> None:
