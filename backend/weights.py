@@ -309,6 +309,12 @@ def describe(entry: ModelEntry) -> dict[str, Any]:
     }
 
 
+def installed_sha256(entry: ModelEntry) -> str:
+    """SHA-256 of the installed file: recorded at install, or computed for a file put there by hand."""
+    recorded = _read_manifest().get(entry.file, {}).get("sha256")
+    return recorded or digests(model_path(entry))["sha256"]
+
+
 def require(name: str) -> Path:
     """The installed checkpoint of `name`, or a MISSING_WEIGHTS failure with the exact fix."""
     entry = get_entry(name)

@@ -40,7 +40,7 @@ def backbone_checkpoint(backbone: str, allow_random: bool, ctx: JobContext) -> t
     entries = weights.load_registry()
     entry = entries.get(backbone)
     if entry is not None and weights.status(entry) == "installed":
-        return str(weights.model_path(entry)), weights.describe(entry)["sha256"]
+        return str(weights.model_path(entry)), weights.installed_sha256(entry)
     if not allow_random:
         if entry is None:
             raise JobError(INVALID_INPUT, f"The {backbone} backbone has no official weights; it is for tests only.")
@@ -127,6 +127,10 @@ def train_adapter(
     device = resolve_device(p["device"])
     if p["patch_size"] % 32 or p["patch_size"] < 64:
         raise JobError(INVALID_INPUT, "The patch size must be a multiple of 32 and at least 64 pixels.")
+    if p["epochs"] < 1 or p["steps_per_epoch"] < 1 or p["rank"] < 1:
+        raise JobError(INVALID_INPUT, "Epochs, steps per epoch and rank must each be at least 1.")
+    if not 0 < p["val_fraction"] < 1:
+        raise JobError(INVALID_INPUT, "The validation fraction must be between 0 and 1.")
     if p["batch_size"] < 2:
         raise JobError(INVALID_INPUT, "The batch size must be at least 2 (the decoder normalises over the batch).")
     name = adapters.sanitize(p["adapter_name"])
@@ -220,7 +224,7 @@ def detect(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     checkpoint = None
     if meta.checkpoint_sha256 is not None:
         path = weights.require(meta.backbone)
-        if weights.describe(weights.get_entry(meta.backbone))["sha256"] != meta.checkpoint_sha256:
+        if weights.installed_sha256(weights.get_entry(meta.backbone)) != meta.checkpoint_sha256:
             raise JobError(
                 MISSING_WEIGHTS,
                 f"The installed {meta.backbone} checkpoint is not the one the adapter '{meta.name}' was trained with.",

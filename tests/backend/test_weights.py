@@ -18,7 +18,7 @@ from conftest import ROOT
 from backend import weights
 from backend.models.backbones import sam_vit
 from backend.protocol import MISSING_WEIGHTS, JobError
-from rs_peft_qgis.worker_client import WorkerClient
+from rs_peft_qgis.worker_client import RpcError, WorkerClient
 
 
 class FileServer(ThreadingHTTPServer):
@@ -213,10 +213,8 @@ def test_worker_lists_and_fetches_models_with_progress(registry: Path, server: F
         assert job.outcome["metrics"]["name"] == "sam_tiny" and len(job.outcome["metrics"]["sha256"]) == 64
         assert progress and progress[-1] <= 1.0
         assert client.request("models.list")["models"][0]["status"] == "installed"
-        try:
+        with pytest.raises(RpcError, match="no model named 'nope'"):
             client.request("models.fetch", {"name": "nope"})
-        except Exception as exc:
-            assert "no model named 'nope'" in str(exc)
     finally:
         client.shutdown()
 
@@ -244,3 +242,11 @@ def test_read_checkpoint_unwraps_containers_and_reads_legacy_files(tmp_path: Pat
     torch.save({"state_dict": {"b": torch.ones(3)}}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     assert list(read_checkpoint(tmp_path / "zip.pth")) == ["a"]
     assert torch.equal(read_checkpoint(tmp_path / "legacy.pth")["b"], torch.ones(3))
+
+
+def test_a_checkpoint_copied_into_the_cache_by_hand_still_has_its_sha256(registry: Path, server: FileServer) -> None:
+    entry = weights.get_entry("sam_tiny")
+    weights.model_path(entry).parent.mkdir(parents=True)
+    data = (server.root / entry.file).read_bytes()
+    weights.model_path(entry).write_bytes(data)  # no manifest entry
+    assert weights.installed_sha256(entry) == hashlib.sha256(data).hexdigest()

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, levir
 
 from rs_peft_qgis.worker_client import RpcError, WorkerClient
@@ -106,13 +107,11 @@ def test_malformed_input_gets_errors_and_worker_lives(worker: WorkerClient, tmp_
             assert exc.code == -32602 and exc.args[0]
         else:
             raise AssertionError(f"bad job.start accepted: {bad}")
-    try:
+    with pytest.raises(RpcError, match="tile_size"):
         worker.request(
             "job.start",
             {"job": "change.cva", "params": {"before": "a", "after": "b", "out_dir": "c", "tile_size": "big"}},
         )
-    except RpcError as exc:
-        assert "tile_size" in str(exc)
     assert worker.alive
     assert worker.request("initialize")["backend_version"]
 
