@@ -46,8 +46,11 @@ class AdapterMeta:
 
 
 def library_dir() -> Path:
+    """RS_PEFT_QGIS_ADAPTER_DIR if set (QGIS's settings), else `adapters` in the data folder."""
     import platformdirs
 
+    if os.environ.get("RS_PEFT_QGIS_ADAPTER_DIR"):
+        return Path(os.environ["RS_PEFT_QGIS_ADAPTER_DIR"])
     base = os.environ.get("RS_PEFT_QGIS_DATA_DIR") or platformdirs.user_data_dir("rs-peft-qgis", appauthor=False)
     return Path(base) / "adapters"
 

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions and devices")
     info.add_argument("--json", action="store_true", help="print as JSON")
     sub.add_parser("worker", help="run the JSON-RPC worker on stdin/stdout (what QGIS starts)")
+    cat = sub.add_parser("catalog", help="print every job's parameters and outputs as JSON (what QGIS builds on)")
+    cat.add_argument("--write", metavar="PATH", help="write it to a file instead (resources/jobs.json)")
     add_manage_commands(sub)
     for spec in JOBS.values():
         jp = sub.add_parser(spec.name, help=spec.summary, description=spec.summary)
@@ -89,7 +91,7 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
     bar = ProgressBar(args.quiet)
     ctx = JobContext(
         on_progress=bar,
-        on_log=lambda level, msg: print(f"{level}: {msg}", file=sys.stderr) if level == "warning" else None,
+        on_log=lambda level, msg, data=None: print(f"{level}: {msg}", file=sys.stderr) if level == "warning" else None,
     )
     box: dict[str, Any] = {}
 
@@ -250,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except Exception as exc:
             return report_error(exc, args.debug)
+    if args.command == "catalog":
+        from backend.jobs import catalog
+
+        if args.write:
+            catalog.write(args.write)
+        else:
+            sys.stdout.write(catalog.dumps())
+        return 0
     if args.command == "worker":
         from backend.worker import main as worker_main
 

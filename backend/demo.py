@@ -79,7 +79,7 @@ def finetune_filf(out_dir: Path, minutes_hint: str) -> dict:
     print(
         f"Fine-tuning FILF (MobileSAM TinyViT + BiTemporal LoRA) on {len(TRAIN_CROPS)} labelled pairs ({minutes_hint})"
     )
-    ctx = JobContext(on_log=lambda level, msg: print(f"  {msg}"))
+    ctx = JobContext(on_log=lambda level, msg, data=None: print(f"  {msg}"))
     areas = [load_training_area(*files(n), warnings=ctx.warnings, require_change=False) for n in TRAIN_CROPS]
     with RasterSource(files(TRAIN_CROPS[0])[0]) as src:
         dtype, bands = src.dtype, src.bands

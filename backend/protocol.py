@@ -74,9 +74,16 @@ class Output:
     kind: str  # "raster" | "vector" | "image"
     layer_name: str
     style: str = ""  # QML file name in resources/styles, or "" for QGIS's default
+    key: str = ""  # which declared output this is (e.g. "probability"), for Processing
 
     def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "kind": self.kind, "layer_name": self.layer_name, "style": self.style}
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "layer_name": self.layer_name,
+            "style": self.style,
+            "key": self.key,
+        }
 
 
 @dataclass

@@ -15,6 +15,8 @@ def environment_info() -> dict[str, Any]:
     import rasterio
     import torch
 
+    from backend import adapters, weights
+
     devices: list[dict[str, Any]] = [{"name": "cpu", "type": "cpu", "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -45,6 +47,7 @@ def environment_info() -> dict[str, Any]:
         },
         "devices": devices,
         "default_device": devices[-1]["name"],
+        "folders": {"models": str(weights.cache_dir()), "adapters": str(adapters.library_dir())},
     }
 
 

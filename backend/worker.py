@@ -118,26 +118,12 @@ class Worker:
 
     # --- requests ---------------------------------------------------------------------------
     def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
+        from backend.jobs.catalog import catalog
         from backend.runtime import environment_info
 
         info = environment_info()
         info["log_path"] = str(self._log_file) if self._log_file else None
-        info["jobs"] = {
-            name: {
-                "summary": spec.summary,
-                "params": [
-                    {
-                        "name": p.name,
-                        "type": p.type.__name__,
-                        "required": p.required,
-                        "default": p.default,
-                        "help": p.help,
-                    }
-                    for p in spec.params
-                ],
-            }
-            for name, spec in JOBS.items()
-        }
+        info["jobs"] = catalog()["jobs"]
         return info
 
     def _job_start(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -169,8 +155,11 @@ class Worker:
         ctx.on_progress = lambda f, stage, message: self.send(
             P.notification(P.JOB_PROGRESS, {"job_id": ctx.job_id, "fraction": f, "stage": stage, "message": message})
         )
-        ctx.on_log = lambda level, message: self.send(
-            P.notification(P.JOB_LOG, {"job_id": ctx.job_id, "level": level, "message": message})
+        ctx.on_log = lambda level, message, data=None: self.send(
+            P.notification(
+                P.JOB_LOG,
+                {"job_id": ctx.job_id, "level": level, "message": message, **({"data": data} if data else {})},
+            )
         )
         with self._cv:
             self._queue.append((spec, values, ctx))

@@ -51,7 +51,7 @@ class JobHandle:
 
     job_id: str
     on_progress: Callable[[float, str, str], None] | None = None
-    on_log: Callable[[str, str], None] | None = None
+    on_log: Callable[[str, str, dict[str, Any] | None], None] | None = None  # (level, message, data)
     progress: list[dict[str, Any]] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
     outcome: dict[str, Any] | None = None  # {"status": "finished"|"failed", ...job.finished/job.failed params}
@@ -146,7 +146,7 @@ class WorkerClient:
         job: str,
         params: dict[str, Any],
         on_progress: Callable[[float, str, str], None] | None = None,
-        on_log: Callable[[str, str], None] | None = None,
+        on_log: Callable[[str, str, dict[str, Any] | None], None] | None = None,
     ) -> JobHandle:
         result = self.request(self.P.JOB_START, {"job": job, "params": params})
         return self._track(result["job_id"], on_progress, on_log)
@@ -163,7 +163,7 @@ class WorkerClient:
         self,
         job_id: str,
         on_progress: Callable[[float, str, str], None] | None,
-        on_log: Callable[[str, str], None] | None,
+        on_log: Callable[[str, str, dict[str, Any] | None], None] | None,
     ) -> JobHandle:
         handle = JobHandle(job_id, on_progress, on_log)
         with self._lock:
@@ -172,7 +172,7 @@ class WorkerClient:
         for msg in early:  # notifications that raced ahead of the job.start answer
             self._dispatch(msg)
         if not self.alive and not handle.done.is_set():
-            self._fail(handle, self._died_message())
+            self._fail(handle, self.died_message())
         return handle
 
     def cancel(self, job_id: str) -> None:
@@ -227,13 +227,13 @@ class WorkerClient:
         elif method == self.P.JOB_LOG:
             handle.logs.append(params)
             if handle.on_log:
-                handle.on_log(params["level"], params["message"])
+                handle.on_log(params["level"], params["message"], params.get("data"))
         elif method in (self.P.JOB_FINISHED, self.P.JOB_FAILED):
             status = "finished" if method == self.P.JOB_FINISHED else "failed"
             handle.outcome = {"status": status, **params}
             handle.done.set()
 
-    def _died_message(self) -> str:
+    def died_message(self) -> str:
         code = self.proc.returncode if self.proc else None
         tail = "\n".join(list(self._stderr_tail)[-5:])
         return f"The backend worker stopped unexpectedly (exit code {code}).\n{tail}".strip()
@@ -250,7 +250,7 @@ class WorkerClient:
         handle.done.set()
 
     def _on_exit(self) -> None:
-        message = self._died_message()
+        message = self.died_message()
         for event, slot in list(self._pending.values()):
             slot.append({"error": {"code": -1, "message": message}})
             event.set()

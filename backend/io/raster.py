@@ -15,7 +15,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -107,9 +107,10 @@ def is_raster(path: str | Path, what: str = "reference") -> bool:
 
 
 def check_bands(ds: rasterio.io.DatasetReaderBase, bands: list[int] | None, what: str) -> list[int]:
-    """1-based band indexes to read; all bands when none are chosen."""
+    """1-based band indexes to read; when none are chosen, every band but alpha (its mask marks nodata)."""
     if not bands:
-        return list(range(1, ds.count + 1))
+        data = [i for i, ci in enumerate(ds.colorinterp, 1) if ci != ColorInterp.alpha]
+        return data or list(range(1, ds.count + 1))
     bad = [b for b in bands if b < 1 or b > ds.count]
     if bad:
         raise JobError(

@@ -140,3 +140,31 @@ def aoi_grid(grid: Grid, aoi: Polygons) -> Grid:
             "Check that the area of interest lies on the raster (and that its CRS is right).",
         )
     return grid.window_grid(Window(c0, r0, c1 - c0, r1 - r0))
+
+
+class PolygonBurner:
+    """Burns polygons onto any window of a grid, using only those whose bounding box reaches it."""
+
+    def __init__(self, polygons: Polygons) -> None:
+        self.geoms = [shape(g) for g in polygons.geoms]
+        self.values = polygons.values
+        self.tree = shapely.STRtree(self.geoms)
+
+    def burn(self, grid: Grid) -> np.ndarray:
+        """uint8 raster of the polygon values on `grid` (0 outside every polygon; later polygons win)."""
+        hits = sorted(self.tree.query(shapely.box(*grid.bounds)).tolist())
+        if not hits:
+            return np.zeros((grid.height, grid.width), dtype=np.uint8)
+        return rasterize(
+            ((self.geoms[i], self.values[i]) for i in hits),
+            out_shape=(grid.height, grid.width),
+            transform=grid.transform,
+            fill=0,
+            dtype="uint8",
+        )
+
+
+def restrict_to_aoi(grid: Grid, aoi: str, warnings: list[str] | None = None) -> tuple[Grid, PolygonBurner]:
+    """The part of `grid` covering the AOI polygons, and a burner that masks pixels outside them."""
+    polygons = read_polygons(aoi, grid.crs, what="area of interest", warnings=warnings)
+    return aoi_grid(grid, polygons), PolygonBurner(polygons)

@@ -41,10 +41,24 @@ class Param:
     default: Any = None
     required: bool = False
     choices: tuple[Any, ...] | None = None
+    # What the value is, for the QGIS side's forms and Processing algorithms: raster | vector | polygons
+    # | layer (raster or vector) | folder | adapter | field (of the layer param named `parent`) | bands;
+    # empty = a plain value of `type`.
+    kind: str = ""
+    parent: str = ""
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class OutputDecl:
+    """A result a job promises (its `key` matches Output.key), so Processing can declare it up front."""
+
+    key: str
+    kind: str  # raster | vector
+    description: str
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,8 @@ class JobSpec:
     summary: str
     params: tuple[Param, ...]
     run: Callable[[JobContext, dict[str, Any]], JobResult]
+    title: str = ""  # short action name shown in QGIS, e.g. "Detect (FILF adapter)"
+    outputs: tuple[OutputDecl, ...] = ()
 
     def validate(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Check names and types and fill defaults; raises ValueError with a plain message."""
@@ -105,7 +121,7 @@ def _coerce(p: Param, value: Any) -> Any:
 
 
 ProgressFn = Callable[[float, str, str], None]
-LogFn = Callable[[str, str], None]
+LogFn = Callable[..., None]  # (level, message, data=None)
 
 
 @dataclass
@@ -142,10 +158,14 @@ class JobContext:
         if self.on_progress:
             self.on_progress(min(max(float(fraction), 0.0), 1.0), stage, message)
 
-    def log(self, message: str, level: str = "info") -> None:
+    def log(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        """A line for the user; `data` carries the same facts machine-readably (e.g. an epoch's scores)."""
         log.log(logging.WARNING if level == "warning" else logging.INFO, message)
         if self.on_log:
-            self.on_log(level, message)
+            if data is None:
+                self.on_log(level, message)
+            else:
+                self.on_log(level, message, data)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -17,21 +17,29 @@ from rasterio.enums import Resampling
 from scipy import ndimage
 
 from backend.io.raster import Grid, RasterSource, overlap_grid, require_same_band_count
+from backend.io.rasterize import restrict_to_aoi
 from backend.io.tiling import TileSpec, block_windows, run_tiled
 from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.jobs.change_outputs import ChangeOutputs
+from backend.jobs.change_outputs import DECLARED, ChangeOutputs
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 HIST_BINS = 2048
 GAUSS_TRUNCATE = 3.0
 
 PARAMS = (
-    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True),
-    Param("after", str, "Raster of the second date (any CRS/resolution; aligned on the fly).", required=True),
-    Param("out_dir", str, "Folder for the results.", required=True),
-    Param("bands", list, "Bands to compare, e.g. 1,2,3 (default: all).", default=None),
-    Param("reference", str, "Optional reference change mask (non-zero = change) to score against.", default=None),
+    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True, kind="raster"),
+    Param(
+        "after",
+        str,
+        "Raster of the second date (any CRS/resolution; aligned on the fly).",
+        required=True,
+        kind="raster",
+    ),
+    Param("out_dir", str, "Folder for the results.", required=True, kind="folder"),
+    Param("aoi", str, "Polygon layer: only the area inside it is analysed (default: all).", kind="polygons"),
+    Param("bands", list, "Bands to compare, e.g. 1,2,3 (default: all).", kind="bands"),
+    Param("reference", str, "Optional reference change mask (non-zero = change) to score against.", kind="raster"),
     Param("threshold", float, "Fixed magnitude threshold instead of Otsu's.", default=None),
     Param("smooth", float, "Gaussian smoothing of the magnitude, sigma in pixels (0 = none).", default=1.0),
     Param("min_area_m2", float, "Drop change polygons smaller than this (square metres).", default=0.0),
@@ -60,6 +68,9 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     ):
         require_same_band_count(probe_b, probe_a)
         grid = overlap_grid(probe_b.native, probe_a.native, ("before", "after"))
+    aoi = None
+    if p["aoi"]:
+        grid, aoi = restrict_to_aoi(grid, p["aoi"], ctx.warnings)
     if not grid.georeferenced:
         ctx.warn("The rasters are not georeferenced: they are compared pixel by pixel and outputs have no CRS.")
 
@@ -70,7 +81,10 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         def read_pair(win: Any) -> tuple[np.ndarray, np.ndarray]:
             a, va = before.read(win)
             b, vb = after.read(win)
-            return np.concatenate([a, b]), va & vb
+            valid = va & vb
+            if aoi is not None:
+                valid &= aoi.burn(grid.window_grid(win)) > 0
+            return np.concatenate([a, b]), valid
 
         mean, std = _band_stats(ctx, grid, read_pair, before.count)
         nb = before.count
@@ -176,4 +190,11 @@ def _write_outputs(
     return outs.finish(p["simplify"], p["min_area_m2"], extra={"threshold": threshold})
 
 
-SPEC = JobSpec("change.cva", "Change-vector analysis with an Otsu threshold (classical baseline).", PARAMS, run)
+SPEC = JobSpec(
+    "change.cva",
+    "Change-vector analysis with an Otsu threshold (classical baseline).",
+    PARAMS,
+    run,
+    title="Detect (CVA, no training)",
+    outputs=DECLARED,
+)

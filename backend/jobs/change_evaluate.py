@@ -22,12 +22,10 @@ from typing import Any
 import numpy as np
 import shapely
 from rasterio.enums import Resampling
-from rasterio.features import rasterize
 from rasterio.windows import Window
-from shapely.geometry import shape
 
 from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid
-from backend.io.rasterize import Polygons, aoi_grid, read_polygons
+from backend.io.rasterize import PolygonBurner, read_polygons, restrict_to_aoi
 from backend.io.tiling import block_windows
 from backend.jobs.base import JobContext, JobSpec, Param
 from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
@@ -42,12 +40,14 @@ PARAMS = (
         "Change map to score: a change mask (1 change, 0 no change), or for mode scd a 2-band raster of "
         "date-1/date-2 classes (0 = unchanged). Its grid is the evaluation grid.",
         required=True,
+        kind="raster",
     ),
     Param(
         "reference",
         str,
         "Reference changes: a raster mask (non-zero = change; 2 class bands for mode scd) or a polygon layer.",
         required=True,
+        kind="layer",
     ),
     Param(
         "reference_field",
@@ -55,8 +55,10 @@ PARAMS = (
         "Field of the reference polygons that holds the change class (0 = no change); "
         "default: every polygon is change.",
         default=None,
+        kind="field",
+        parent="reference",
     ),
-    Param("aoi", str, "Polygon layer of the area of interest: only pixels inside it are scored.", default=None),
+    Param("aoi", str, "Polygon layer of the area of interest: only pixels inside it are scored.", kind="polygons"),
     Param(
         "mode",
         str,
@@ -65,33 +67,15 @@ PARAMS = (
         choices=("bcd", "scd"),
     ),
     Param("num_classes", int, "Mode scd: number of land-cover classes (1..N; 0 = no change).", default=None),
-    Param("from_field", str, "Mode scd, polygon reference: field with the date-1 class.", default=None),
-    Param("to_field", str, "Mode scd, polygon reference: field with the date-2 class.", default=None),
+    Param(
+        "from_field", str, "Mode scd, polygon reference: field with the date-1 class.", kind="field", parent="reference"
+    ),
+    Param(
+        "to_field", str, "Mode scd, polygon reference: field with the date-2 class.", kind="field", parent="reference"
+    ),
 )
 
 ReadFn = Callable[[Window], tuple[np.ndarray, np.ndarray]]
-
-
-class _Burner:
-    """Burns polygons onto any window of a grid, using only those whose bounding box reaches it."""
-
-    def __init__(self, polygons: Polygons) -> None:
-        self.geoms = [shape(g) for g in polygons.geoms]
-        self.values = polygons.values
-        self.tree = shapely.STRtree(self.geoms)
-
-    def burn(self, grid: Grid) -> np.ndarray:
-        """uint8 raster of the polygon values on `grid` (0 outside every polygon; later polygons win)."""
-        hits = sorted(self.tree.query(shapely.box(*grid.bounds)).tolist())
-        if not hits:
-            return np.zeros((grid.height, grid.width), dtype=np.uint8)
-        return rasterize(
-            ((self.geoms[i], self.values[i]) for i in hits),
-            out_shape=(grid.height, grid.width),
-            transform=grid.transform,
-            fill=0,
-            dtype="uint8",
-        )
 
 
 def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
@@ -117,9 +101,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
 
     aoi = None
     if p["aoi"]:
-        polygons = read_polygons(p["aoi"], grid.crs, what="area of interest", warnings=ctx.warnings)
-        grid = aoi_grid(grid, polygons)
-        aoi = _Burner(polygons)
+        grid, aoi = restrict_to_aoi(grid, p["aoi"], ctx.warnings)
 
     conf: BinaryConfusion | SemanticChangeConfusion = (
         SemanticChangeConfusion(p["num_classes"]) if scd else BinaryConfusion()
@@ -197,7 +179,7 @@ def _vector_reader(ctx: JobContext, p: dict[str, Any], grid: Grid, scd: bool) ->
     """Reads the reference polygons as class bands on any window of `grid` (every pixel valid)."""
     fields = [p["from_field"], p["to_field"]] if scd else [p["reference_field"]]
     burners = [
-        _Burner(read_polygons(p["reference"], grid.crs, field, what="reference", warnings=ctx.warnings))
+        PolygonBurner(read_polygons(p["reference"], grid.crs, field, what="reference", warnings=ctx.warnings))
         for field in fields
     ]
     extent = shapely.box(*grid.bounds)
@@ -216,4 +198,5 @@ SPEC = JobSpec(
     "Score a change map against reference changes (binary: F1, IoU ...; semantic: mIoU, SeK, Fscd).",
     PARAMS,
     run,
+    title="Evaluate a change map",
 )

@@ -12,10 +12,10 @@ from rasterio.enums import Resampling
 from backend import adapters, weights
 from backend.adapters import AdapterMeta
 from backend.io.raster import RasterSource, overlap_grid
-from backend.io.rasterize import IGNORE
+from backend.io.rasterize import IGNORE, restrict_to_aoi
 from backend.io.tiling import TileSpec, run_tiled
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.jobs.change_outputs import ChangeOutputs
+from backend.jobs.change_outputs import DECLARED, ChangeOutputs
 from backend.methods.filf import BACKBONES, FILF, build_filf
 from backend.models.backbones.loading import CheckpointMismatch, read_checkpoint
 from backend.models.peft.freeze import count_parameters
@@ -72,13 +72,31 @@ def normalizer(norm: dict[str, list[float]], device: torch.device) -> Callable[[
 # --- change.finetune -----------------------------------------------------------------------------
 
 FINETUNE_PARAMS = (
-    Param("before", str, "Raster of the first date.", required=True),
-    Param("after", str, "Raster of the second date (any CRS/resolution; aligned on the fly).", required=True),
-    Param("labels", str, "Change polygons (vector) or a change-mask raster (non-zero = change).", required=True),
+    Param("before", str, "Raster of the first date.", required=True, kind="raster"),
+    Param(
+        "after",
+        str,
+        "Raster of the second date (any CRS/resolution; aligned on the fly).",
+        required=True,
+        kind="raster",
+    ),
+    Param(
+        "labels",
+        str,
+        "Change polygons (vector) or a change-mask raster (non-zero = change).",
+        required=True,
+        kind="layer",
+    ),
     Param("adapter_name", str, "Name under which the adapter is saved in the library.", required=True),
-    Param("aoi", str, "Polygon layer of the labelled area (inside it, unlabelled = unchanged).", default=None),
-    Param("label_field", str, "Field of the label polygons holding 1 (change) / 0 (no change).", default=None),
-    Param("bands", list, "Bands to use, e.g. 1,2,3 (default: all).", default=None),
+    Param("aoi", str, "Polygon layer of the labelled area (inside it, unlabelled = unchanged).", kind="polygons"),
+    Param(
+        "label_field",
+        str,
+        "Field of the label polygons holding 1 (change) / 0 (no change).",
+        kind="field",
+        parent="labels",
+    ),
+    Param("bands", list, "Bands to use, e.g. 1,2,3 (default: all).", kind="bands"),
     Param("backbone", str, "Frozen encoder.", default="mobile_sam", choices=tuple(BACKBONES)),
     Param("allow_random_backbone", bool, "Use a random frozen encoder if its weights are missing.", default=False),
     Param("rank", int, "LoRA rank.", default=8),
@@ -193,12 +211,19 @@ def train_adapter(
 # --- change.detect -------------------------------------------------------------------------------
 
 DETECT_PARAMS = (
-    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True),
-    Param("after", str, "Raster of the second date (any CRS/resolution; aligned on the fly).", required=True),
-    Param("adapter", str, "Name of a FILF adapter in the library.", required=True),
-    Param("out_dir", str, "Folder for the results.", required=True),
+    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True, kind="raster"),
+    Param(
+        "after",
+        str,
+        "Raster of the second date (any CRS/resolution; aligned on the fly).",
+        required=True,
+        kind="raster",
+    ),
+    Param("adapter", str, "Name of a FILF adapter in the library.", required=True, kind="adapter"),
+    Param("out_dir", str, "Folder for the results.", required=True, kind="folder"),
+    Param("aoi", str, "Polygon layer: only the area inside it is analysed (default: all).", kind="polygons"),
     Param("backbone", str, "Expected backbone (refused if the adapter was trained on another).", default=None),
-    Param("reference", str, "Optional reference change mask to score against.", default=None),
+    Param("reference", str, "Optional reference change mask to score against.", kind="raster"),
     Param("threshold", float, "Change probability threshold.", default=0.5),
     Param("min_area_m2", float, "Drop change polygons smaller than this (square metres).", default=0.0),
     Param("simplify", float, "Simplify polygon outlines, tolerance in pixels.", default=0.0),
@@ -221,6 +246,9 @@ def detect(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     ):
         adapters.check_compatible(meta, METHOD, p["backbone"] or meta.backbone, b0.count)
         grid = overlap_grid(b0.native, a0.native, ("before", "after"))
+    aoi = None
+    if p["aoi"]:
+        grid, aoi = restrict_to_aoi(grid, p["aoi"], ctx.warnings)
     checkpoint = None
     if meta.checkpoint_sha256 is not None:
         path = weights.require(meta.backbone)
@@ -252,7 +280,10 @@ def detect(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     def read_pair(win: Any) -> tuple[np.ndarray, np.ndarray]:
         a, va = before.read(win)
         b, vb = after.read(win)
-        return np.concatenate([a, b]), va & vb
+        valid = va & vb
+        if aoi is not None:
+            valid &= aoi.burn(grid.window_grid(win)) > 0
+        return np.concatenate([a, b]), valid
 
     @torch.no_grad()
     def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -287,6 +318,17 @@ def detect(ctx: JobContext, p: dict[str, Any]) -> JobResult:
 
 
 FINETUNE = JobSpec(
-    "change.finetune", "Fine-tune a FILF change-detection adapter on your labels.", FINETUNE_PARAMS, finetune
+    "change.finetune",
+    "Fine-tune a FILF change-detection adapter on your labels.",
+    FINETUNE_PARAMS,
+    finetune,
+    title="Fine-tune a FILF adapter",
 )
-DETECT = JobSpec("change.detect", "Detect changes between two rasters with a FILF adapter.", DETECT_PARAMS, detect)
+DETECT = JobSpec(
+    "change.detect",
+    "Detect changes between two rasters with a FILF adapter.",
+    DETECT_PARAMS,
+    detect,
+    title="Detect (FILF adapter)",
+    outputs=DECLARED,
+)

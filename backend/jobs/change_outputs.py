@@ -16,12 +16,19 @@ from rasterio.windows import Window
 from backend.io.raster import Grid, RasterSource
 from backend.io.vectorize import vectorize
 from backend.io.writer import GeoTiffWriter
-from backend.jobs.base import JobContext
+from backend.jobs.base import JobContext, OutputDecl
 from backend.metrics.change import BinaryConfusion
 from backend.protocol import JobResult, Output
 
 PROB_NODATA = -1.0
 MASK_NODATA = 255
+
+
+DECLARED = (
+    OutputDecl("probability", "raster", "Change probability (0-1)"),
+    OutputDecl("mask", "raster", "Change mask (1 = change)"),
+    OutputDecl("polygons", "vector", "Change polygons (area, confidence)"),
+)
 
 
 class ChangeOutputs:
@@ -105,8 +112,14 @@ class ChangeOutputs:
             c = self.confusion
             metrics.update(self.confusion.metrics(), tp=c.tp, fp=c.fp, fn=c.fn, tn=c.tn)
         outputs = [
-            Output(str(self.finals[0]), "raster", f"{self.name} change probability", "change_probability.qml"),
-            Output(str(self.finals[1]), "raster", f"{self.name} change mask", "change_mask.qml"),
-            Output(str(self.finals[2]), "vector", f"{self.name} changes", "change_polygons.qml"),
+            Output(
+                str(self.finals[0]),
+                "raster",
+                f"{self.name} change probability",
+                "change_probability.qml",
+                "probability",
+            ),
+            Output(str(self.finals[1]), "raster", f"{self.name} change mask", "change_mask.qml", "mask"),
+            Output(str(self.finals[2]), "vector", f"{self.name} changes", "change_polygons.qml", "polygons"),
         ]
         return JobResult(outputs=outputs, metrics=metrics)

@@ -112,7 +112,7 @@ def fit_change(
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), **{f"val_{k}": v for k, v in metrics.items()}}
         history.append(record)
         message = f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f}, validation F1 {metrics['f1']:.3f}"
-        ctx.log(message)
+        ctx.log(message, "epoch", record)
         ctx.progress((epoch + 1) / cfg.epochs, "fine-tuning", message, force=True)
         if best is None or metrics["iou"] > best.val_metrics["iou"]:
             best = TrainResult(

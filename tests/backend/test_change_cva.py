@@ -120,8 +120,13 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[dict, str]]:
     before, after, _ = levir("test_2_0000_0000")
     other, _, _ = levir("test_77_0512_0256")
     with rasterio.open(before) as src:
+        # MINISBLACK: a fourth data band (GDAL would call a 4th byte band alpha and leave it out by default).
         four = _write(
-            tmp / "four.tif", np.concatenate([src.read(), src.read(1)[None]]), crs=src.crs, transform=src.transform
+            tmp / "four.tif",
+            np.concatenate([src.read(), src.read(1)[None]]),
+            crs=src.crs,
+            transform=src.transform,
+            photometric="minisblack",
         )
     text = tmp / "notes.tif"
     text.write_text("not a raster")
@@ -217,3 +222,46 @@ def test_errors_show_a_traceback_only_with_debug(tmp_path: Path) -> None:
     args = ("change.cva", "--before", "/nope.tif", "--after", "/nope2.tif", "--out-dir", str(tmp_path))
     assert "Traceback" not in cli(*args).stderr
     assert "Traceback" in cli(*args, "--debug").stderr
+
+
+def test_aoi_limits_the_outputs_to_its_polygon(tmp_path: Path) -> None:
+    """An AOI crops the output grid to its bounding box and leaves pixels outside the polygon as nodata."""
+    import fiona
+    from shapely.geometry import Polygon, mapping
+
+    before, after, _ = levir("test_2_0000_0512")
+    with rasterio.open(before) as src:
+        crs, tf = src.crs, src.transform
+    # A triangle over the upper-left quarter, in map coordinates.
+    corners = [tf * (10, 10), tf * (138, 10), tf * (10, 138)]
+    aoi = tmp_path / "aoi.gpkg"
+    schema = {"geometry": "Polygon", "properties": {}}
+    with fiona.open(aoi, "w", driver="GPKG", crs=crs.to_wkt(), schema=schema) as dst:
+        dst.write({"geometry": mapping(Polygon(corners)), "properties": {}})
+    _, result = run_cva(before=str(before), after=str(after), out_dir=str(tmp_path / "out"), aoi=str(aoi))
+    prob = next(o.path for o in result.outputs if o.key == "probability")
+    with rasterio.open(prob) as ds:
+        assert (ds.width, ds.height) == (128, 128)
+        assert ds.transform.c == pytest.approx((tf * (10, 10))[0])
+        valid = ds.read_masks(1) > 0
+    assert valid[5, 5] and not valid[120, 120]  # inside vs outside the triangle's hypotenuse
+    assert 0.4 < valid.mean() < 0.6
+
+
+def test_alpha_band_is_a_mask_not_a_band_by_default(tmp_path: Path) -> None:
+    from rasterio.windows import Window
+
+    from backend.io.raster import RasterSource
+
+    before, _, _ = levir("test_2_0000_0000")
+    with rasterio.open(before) as src:
+        rgb, profile = src.read(), src.profile
+    alpha = np.full(rgb.shape[1:], 255, np.uint8)
+    alpha[:10] = 0
+    rgba = tmp_path / "rgba.tif"
+    with rasterio.open(rgba, "w", **(profile | {"count": 4, "photometric": "RGB", "alpha": "YES"})) as ds:
+        ds.write(np.concatenate([rgb, alpha[None]]))
+    with RasterSource(rgba) as source:
+        assert source.bands == [1, 2, 3]
+        _, valid = source.read(Window(0, 0, 64, 64))
+    assert not valid[:10].any() and valid[10:].all()
