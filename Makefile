@@ -24,7 +24,7 @@ export QT_QPA_PLATFORM := offscreen
 export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help setup system test test-backend test-plugin test-desktop lint format demo bench package install-plugin clean
+.PHONY: help setup system test test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog
 
 help:
 	@echo "make demo    - set up, then run change detection on the bundled LEVIR-CD pair (outputs in demo_out/)"
@@ -82,6 +82,10 @@ test-desktop: package
 	/usr/bin/python3 -c "import json; d = json.load(open('build/smoke.json')); print('desktop smoke:', d); \
 	  assert d['loaded'] and d['diagnostics_action'], d"
 
+# The job catalog the QGIS side builds its forms and Processing algorithms from (a test keeps it current).
+catalog: $(VB)/.ok
+	$(VB)/bin/python -m backend catalog --write resources/jobs.json
+
 lint: $(VB)/.ok
 	$(VB)/bin/ruff check .
 	$(VB)/bin/ruff format --check .
@@ -99,7 +103,7 @@ bench: setup
 package:
 	rm -rf build/package dist && mkdir -p build/package/rs_peft_qgis dist
 	cp -r rs_peft_qgis/* build/package/rs_peft_qgis/
-	cp -r backend resources metadata.txt LICENSE build/package/rs_peft_qgis/
+	cp -r backend resources requirements metadata.txt LICENSE build/package/rs_peft_qgis/
 	find build/package -name __pycache__ -prune -exec rm -rf {} +
 	cd build/package && zip -qr ../../$(PLUGIN_ZIP) rs_peft_qgis
 	@echo "plugin zip: $(PLUGIN_ZIP)"

@@ -97,9 +97,9 @@ def export_raster(
     writer = QgsRasterFileWriter(str(path))
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
     if not native or provider.dataType(1) in (Qgis.DataType.ARGB32, Qgis.DataType.ARGB32_Premultiplied):
-        pipe.set(layer.renderer().clone())  # a web map is colours: write what QGIS draws
-        writer.setOutputMode(QgsRasterFileWriter.Image)
-    error = writer.writeRaster(pipe, cols, rows, area, layer.crs())
+        # A web map is colours: with the renderer in the pipe the writer stores what QGIS draws (RGBA).
+        pipe.set(layer.renderer().clone())
+    error = writer.writeRaster(pipe, cols, rows, area, layer.crs(), QgsProject.instance().transformContext())
     if error != QgsRasterFileWriter.NoError or not path.is_file():
         raise LayerError(f"Exporting the layer '{layer.name()}' failed (error {int(error)}).")
     return str(path)

@@ -1,9 +1,66 @@
-"""Plugin tests run in QGIS's own Python (.venv-qgis) with a real headless QGIS (pytest-qgis)."""
+"""Plugin tests run in QGIS's own Python (.venv-qgis) with a real headless QGIS (pytest-qgis).
 
+The backend folders (adapters, model cache, logs) point into one temporary folder for the whole
+run, so tests never touch the user's library; the shared worker session keeps one worker for them.
+"""
+
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 BACKEND_PYTHON = ROOT / ".venv" / "bin" / "python"
 LEVIR = ROOT / "tests" / "data" / "levir_cd"
+
+_DATA = Path(tempfile.mkdtemp(prefix="rs-peft-plugin-tests-"))
+os.environ["RS_PEFT_QGIS_DATA_DIR"] = str(_DATA / "data")
+os.environ["RS_PEFT_QGIS_CACHE_DIR"] = str(_DATA / "cache")
+os.environ["RS_PEFT_QGIS_LOG_DIR"] = str(_DATA / "logs")
+os.environ.pop("RS_PEFT_QGIS_ADAPTER_DIR", None)
+
+# Settings of a fast FILF fine-tune: the tiny TinyViT encoder with random frozen weights (no
+# checkpoint can be downloaded here), a few steps on 64-pixel patches.
+FAST_FINETUNE = {
+    "backbone": "tiny_vit_tiny",
+    "allow_random_backbone": True,
+    "epochs": 2,
+    "steps_per_epoch": 2,
+    "batch_size": 2,
+    "patch_size": 64,
+}
+
+
+def levir(name: str) -> tuple[Path, Path, Path]:
+    """(before, after, reference mask) of a bundled georeferenced LEVIR-CD pair."""
+    return LEVIR / f"{name}_A.tif", LEVIR / f"{name}_B.tif", LEVIR / f"{name}_label.tif"
+
+
+@pytest.fixture(scope="session")
+def filf_adapter() -> str:
+    """A FILF adapter in the (temporary) library, fine-tuned by the real worker; its name."""
+    from rs_peft_qgis.worker_client import WorkerClient
+
+    before, after, label = levir("test_2_0000_0512")
+    client = WorkerClient(BACKEND_PYTHON, ROOT)
+    client.start()
+    try:
+        handle = client.run_job(
+            "change.finetune",
+            {
+                "before": str(before),
+                "after": str(after),
+                "labels": str(label),
+                "adapter_name": "plugin-tests",
+                "overwrite": True,
+                **FAST_FINETUNE,
+            },
+            timeout=600,
+        )
+    finally:
+        client.shutdown()
+    assert handle.succeeded, handle.outcome
+    return "plugin-tests"
