@@ -1,7 +1,7 @@
 # rs-peft-qgis — every target is idempotent. `make demo` and `make test` do all set-up themselves.
 #
 # Variables:
-#   TORCH_SPEC       torch requirement for the backend venv (default torch==2.13.0: the CPU wheel here).
+#   TORCH_SPEC       torch requirement for the backend venv (default: the pin in requirements/torch.txt).
 #   TORCH_INDEX_URL  extra package index for torch; on a GPU machine set it to PyTorch's CUDA wheel
 #                    index for your CUDA version to get a CUDA build, e.g.
 #                    make setup TORCH_INDEX_URL=<pytorch cuda 12.x wheel index>
@@ -14,7 +14,7 @@ QGIS_PKGS := qgis python3-qgis qgis-providers
 TOOL_PKGS := python3-venv xvfb xauth x11-utils xdotool imagemagick fonts-open-sans zip
 BACKPORTS := /etc/apt/sources.list.d/bookworm-backports.sources
 PYTHON ?= python3
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= $(shell grep -v '^\#' requirements/torch.txt | grep torch)
 TORCH_INDEX_URL ?=
 VB := .venv
 VQ := .venv-qgis
@@ -51,7 +51,7 @@ system:
 	  $(SUDO) apt-get install $(APT_OPTS) $(TOOL_PKGS); \
 	fi
 
-$(VB)/.ok: requirements/backend.txt requirements/dev.txt requirements/reference.txt
+$(VB)/.ok: requirements/torch.txt requirements/backend.txt requirements/dev.txt requirements/reference.txt
 	$(PYTHON) -m venv $(VB)
 	$(VB)/bin/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
 	$(VB)/bin/pip install -q -r requirements/backend.txt -r requirements/dev.txt

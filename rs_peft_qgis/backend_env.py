@@ -19,9 +19,13 @@ def backend_root() -> Path:
 
 
 def candidate_pythons() -> list[Path]:
-    """Backend interpreters to try, best first: a checkout's .venv, then the installer's venv."""
+    """Backend interpreters to try, best first: a checkout's .venv, then the installer's venv if it finished."""
+    from rs_peft_qgis import installer  # it imports this module
+
     found = [p / ".venv" / "bin" / "python" for p in (PLUGIN_DIR, *PLUGIN_DIR.parents[:3])]
-    found.append(USER_DATA_DIR / "venv" / "bin" / "python")
+    venv = USER_DATA_DIR / "venv"
+    if installer.is_installed(venv):  # a failed or cancelled install is never used
+        found.append(installer.venv_python(venv))
     return found
 
 
