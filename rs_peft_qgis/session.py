@@ -42,8 +42,10 @@ class WorkerSession:
         env = settings.worker_env()
         config = (str(python), tuple(sorted((k, v) for k, v in env.items() if k.startswith("RS_PEFT_QGIS_"))))
         with self._lock:
-            if self._client is not None and self._client.alive and config == self._config:
-                return self._client
+            current = self._client
+            # Changed settings apply once the worker is idle: a restart now would kill a running job.
+            if current is not None and current.alive and (config == self._config or current.busy):
+                return current
             if self._client is not None:
                 if not self._client.alive:
                     self.last_death = self._client.died_message()

@@ -105,6 +105,12 @@ class WorkerClient:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def busy(self) -> bool:
+        """A job started here has not ended yet."""
+        with self._lock:
+            return any(not h.done.is_set() for h in self._jobs.values())
+
     def shutdown(self, timeout: float = 15.0) -> None:
         if not self.alive:
             return
