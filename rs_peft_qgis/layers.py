@@ -115,6 +115,11 @@ def export_vector(
     options.driverName = "GPKG"
     options.layerName = safe_name(layer.name())
     options.onlySelectedFeatures = selected_only
+    # A GeoPackage's own fid would clash with the new file's (unsaved features carry "Autogenerate").
+    keep = [i for i, f in enumerate(layer.fields()) if f.name().lower() != "fid"]
+    if len(keep) < layer.fields().count():
+        options.attributes = keep
+        options.skipAttributeCreation = not keep
     if crs is not None and crs.isValid() and crs != layer.crs():
         options.ct = QgsCoordinateTransform(layer.crs(), crs, QgsProject.instance())
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(

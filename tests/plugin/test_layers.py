@@ -132,3 +132,22 @@ def test_outputs_are_added_styled_in_a_group(tmp_path: Path, qgis_new_project) -
     with pytest.raises(layers.LayerError, match="could not be opened"):
         layers.add_outputs([{**outputs[0], "path": str(tmp_path / "gone.tif")}], "x")
     QgsProject.instance().clear()
+
+
+def test_unsaved_features_of_a_geopackage_layer_export(tmp_path: Path) -> None:
+    """New, not yet saved polygons of a GeoPackage layer in edit mode (their fid is 'Autogenerate')."""
+    gpkg = tmp_path / "drawn.gpkg"
+    seed = QgsVectorLayer("Polygon?crs=EPSG:4326&field=change:integer", "seed", "memory")
+    layers.export_vector(seed, gpkg)
+    drawn_layer = QgsVectorLayer(str(gpkg), "drawn", "ogr")
+    assert "fid" in drawn_layer.fields().names()
+    drawn_layer.startEditing()
+    f = QgsFeature(drawn_layer.fields())
+    f.setGeometry(QgsGeometry.fromRect(QgsRectangle(0, 0, 1, 1)))
+    f.setAttribute("change", 1)
+    assert drawn_layer.addFeature(f)
+    drawn_layer.selectAll()
+    out = QgsVectorLayer(layers.export_vector(drawn_layer, tmp_path / "out.gpkg", selected_only=True), "o", "ogr")
+    assert out.featureCount() == 1 and next(out.getFeatures())["change"] == 1
+    drawn_layer.rollBack()
+    del out, drawn_layer
