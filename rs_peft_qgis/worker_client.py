@@ -85,9 +85,10 @@ class WorkerClient:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = str(self.backend_root)
         env["PYTHONUNBUFFERED"] = "1"
+        # The worker keeps the caller's working folder, so relative paths mean the same on both sides;
+        # -P keeps that folder off sys.path (a local "backend" folder must not shadow ours).
         self.proc = subprocess.Popen(
-            [self.python, "-m", "backend", "worker"],
-            cwd=str(self.backend_root),
+            [self.python, "-P", "-m", "backend", "worker"],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -120,6 +121,8 @@ class WorkerClient:
         except (RpcError, subprocess.TimeoutExpired, OSError):
             self.proc.kill()  # type: ignore[union-attr]
             self.proc.wait()  # type: ignore[union-attr]
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
 
     # --- requests -----------------------------------------------------------------------------
     def send_raw(self, line: str) -> None:
@@ -209,6 +212,7 @@ class WorkerClient:
                     self._stderr_tail.append(f"[unmatched response] {line.rstrip()}")
             else:
                 self._dispatch(msg)
+        self.proc.stdout.close()
         self.proc.wait()
         self._on_exit()
 
@@ -216,6 +220,7 @@ class WorkerClient:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
             self._stderr_tail.append(line.rstrip())
+        self.proc.stderr.close()
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         params = msg.get("params", {})
