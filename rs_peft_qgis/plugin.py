@@ -1,33 +1,39 @@
-"""Plugin entry: menu and toolbar action; the backend worker is started on first use and kept."""
+"""Plugin entry: the RS PEFT panel (toolbar button + Raster menu), settings, diagnostics, installer and the
+Processing provider. The backend worker is started on first use (shared session) and stopped on unload."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
+from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsSettings, QgsTask
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
-from rs_peft_qgis.backend_env import backend_root, find_backend_python
-from rs_peft_qgis.worker_client import RpcError, WorkerClient
+from rs_peft_qgis.backend_env import backend_root
+from rs_peft_qgis.session import SESSION
+from rs_peft_qgis.worker_client import RpcError
 
 MENU = "&RS PEFT"
 LOG_TAG = "RS PEFT"
+DOCK_VISIBLE_KEY = "rs_peft_qgis/dock_visible"
 
 
 class DiagnosticsTask(QgsTask):
-    """Start (or reuse) the worker and read its versions and devices, off the GUI thread."""
+    """Start (or reuse) the shared worker and read its versions and devices, off the GUI thread
+    (the fallback of the diagnostics action when the Diagnostics dialog is not installed)."""
 
     def __init__(self, plugin: RsPeftPlugin) -> None:
-        super().__init__("RS PEFT: backend diagnostics", QgsTask.CanCancel)
+        super().__init__("RS PEFT: backend diagnostics", QgsTask.Flag.CanCancel)
         self.plugin = plugin
         self.info: dict | None = None
         self.error = ""
 
     def run(self) -> bool:
         try:
-            self.info = self.plugin.worker().info
-        except (RpcError, FileNotFoundError) as exc:
+            self.info = SESSION.client().info
+        except (RpcError, OSError) as exc:
             self.error = str(exc)
             return False
         return True
@@ -36,48 +42,115 @@ class DiagnosticsTask(QgsTask):
         bar = self.plugin.iface.messageBar()
         self.plugin.diagnostics = self.info if ok else {"error": self.error}
         if ok and self.info:
-            QgsMessageLog.logMessage(json.dumps(self.info, indent=2), LOG_TAG, Qgis.Info)
+            QgsMessageLog.logMessage(json.dumps(self.info, indent=2), LOG_TAG, Qgis.MessageLevel.Info)
             devices = ", ".join(d["name"] for d in self.info["devices"])
-            bar.pushMessage(LOG_TAG, f"Backend {self.info['backend_version']} ready on {devices}.", Qgis.Success, 8)
+            text = f"Backend {self.info['backend_version']} ready on {devices}."
+            bar.pushMessage(LOG_TAG, text, Qgis.MessageLevel.Success, 8)
         else:
-            bar.pushMessage(LOG_TAG, f"The backend could not start: {self.error}", Qgis.Critical, 0)
+            bar.pushMessage(LOG_TAG, f"The backend could not start: {self.error}", Qgis.MessageLevel.Critical, 0)
 
 
 class RsPeftPlugin:
-    def __init__(self, iface) -> None:
+    def __init__(self, iface: Any) -> None:
         self.iface = iface
         self.actions: list[QAction] = []
-        self._client: WorkerClient | None = None
+        self.panel_action: QAction | None = None
+        self.dock = None  # RsPeftDock, built in initGui
+        self.provider = None  # RsPeftProvider once registered
         self._task: DiagnosticsTask | None = None
+        self._dialogs: list[Any] = []  # non-modal dialogs kept alive while open
         self.diagnostics: dict | None = None  # the last diagnostics answer (or {"error": ...})
 
+    # --- QGIS hooks -------------------------------------------------------------------------------
+    def initProcessing(self) -> None:
+        """Register the "RS PEFT" Processing provider (an algorithm for every backend job)."""
+        if self.provider is not None:
+            return  # QGIS calls it for processing plugins, initGui calls it too: register once
+        from rs_peft_qgis.processing.provider import RsPeftProvider
+
+        self.provider = RsPeftProvider()
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
     def initGui(self) -> None:
+        from rs_peft_qgis.dock import RsPeftDock
+
+        self.initProcessing()
+        main = self.iface.mainWindow()
         icon = QIcon(str(backend_root() / "resources" / "icons" / "rs_peft.svg"))
-        action = QAction(icon, "Backend diagnostics", self.iface.mainWindow())
-        action.setObjectName("rsPeftDiagnostics")
-        action.triggered.connect(self.run_diagnostics)
+        self.dock = RsPeftDock(self.iface, main)
+        self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
+
+        self.panel_action = self._action(icon, "RS PEFT panel", "rsPeftPanel", None)
+        self.panel_action.setCheckable(True)
+        self.panel_action.setToolTip("Show or hide the RS PEFT panel")
+        self.dock.setToggleVisibilityAction(self.panel_action)  # keeps the button and the panel in step
+        self.iface.addToolBarIcon(self.panel_action)
+        self._action(QIcon(), "Settings…", "rsPeftSettings", self.show_settings)
+        self._action(QIcon(), "Backend diagnostics…", "rsPeftDiagnostics", self.show_diagnostics)
+        self._action(QIcon(), "Install backend…", "rsPeftInstaller", self.show_installer)
+        visible = QgsSettings().value(DOCK_VISIBLE_KEY, True, type=bool)
+        self.dock.setVisible(bool(visible))
+
+    def _action(self, icon: QIcon, text: str, name: str, slot: Any) -> QAction:
+        action = QAction(icon, text, self.iface.mainWindow())
+        action.setObjectName(name)
+        if slot is not None:
+            action.triggered.connect(slot)
         self.iface.addPluginToRasterMenu(MENU, action)
         self.actions.append(action)
+        return action
 
     def unload(self) -> None:
         for action in self.actions:
             self.iface.removePluginRasterMenu(MENU, action)
+        if self.panel_action is not None:
+            self.iface.removeToolBarIcon(self.panel_action)
+            self.panel_action = None
         self.actions.clear()
-        if self._client is not None:
-            self._client.shutdown()
-            self._client = None
+        for dialog in self._dialogs:
+            dialog.close()
+        self._dialogs.clear()
+        if self.dock is not None:
+            QgsSettings().setValue(DOCK_VISIBLE_KEY, self.dock.isUserVisible())
+            self.dock.shutdown()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.setParent(None)
+            self.dock.deleteLater()
+            self.dock = None
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        SESSION.shutdown()
 
-    def worker(self) -> WorkerClient:
-        """The running worker, started with the backend interpreter (never sys.executable)."""
-        if self._client is None or not self._client.alive:
-            python = find_backend_python()
-            if python is None:
-                raise FileNotFoundError("No backend Python environment was found; run 'make setup' first.")
-            self._client = WorkerClient(python, backend_root())
-            self._client.start()
-        return self._client
+    # --- actions ----------------------------------------------------------------------------------
+    def _open(self, dialog: Any) -> None:
+        self._dialogs = [d for d in self._dialogs if d.isVisible()]
+        self._dialogs.append(dialog)
+        dialog.show()
+        dialog.raise_()
+
+    def show_settings(self) -> None:
+        from rs_peft_qgis.dialogs import SettingsDialog
+
+        if SettingsDialog(self.iface.mainWindow()).exec() and self.dock is not None:
+            self.dock.apply_settings()
+
+    def show_diagnostics(self) -> None:
+        """The Diagnostics dialog (it queries the worker in a QgsTask); the message-bar check without it."""
+        try:
+            from rs_peft_qgis.dialogs import DiagnosticsDialog
+        except ImportError:
+            self.run_diagnostics()
+            return
+        self._open(DiagnosticsDialog(self.iface.mainWindow()))
+
+    def show_installer(self) -> None:
+        from rs_peft_qgis.dialogs import InstallerDialog
+
+        self._open(InstallerDialog(self.iface.mainWindow()))
 
     def run_diagnostics(self) -> None:
+        """Start the worker in a QgsTask and report its versions and devices in the message bar."""
         self.diagnostics = None
         self._task = DiagnosticsTask(self)
         QgsApplication.taskManager().addTask(self._task)

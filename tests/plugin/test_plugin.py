@@ -10,6 +10,7 @@ from conftest import BACKEND_PYTHON, LEVIR, ROOT
 from pytest_qgis.utils import wait_until
 from qgis.core import Qgis, QgsApplication, QgsRasterLayer, QgsVectorLayer
 
+from rs_peft_qgis.session import SESSION
 from rs_peft_qgis.worker_client import WorkerClient
 
 
@@ -28,9 +29,14 @@ def test_plugin_loads_adds_its_action_and_unloads(qgis_iface) -> None:
 
     plugin = classFactory(qgis_iface)
     plugin.initGui()
-    assert [a.text() for a in plugin.actions] == ["Backend diagnostics"]
+    assert [a.text() for a in plugin.actions] == [
+        "RS PEFT panel",
+        "Settings…",
+        "Backend diagnostics…",
+        "Install backend…",
+    ]
     plugin.unload()
-    assert plugin.actions == []
+    assert plugin.actions == [] and plugin.dock is None
 
 
 def test_plugin_side_never_imports_backend_libraries(qgis_iface) -> None:
@@ -49,12 +55,13 @@ def test_diagnostics_task_starts_the_backend_worker(qgis_iface) -> None:
         plugin.run_diagnostics()
         wait_until(lambda: plugin.diagnostics is not None, timeout_milliseconds=120_000)
         assert "error" not in plugin.diagnostics, plugin.diagnostics
-        assert plugin._client.python == str(BACKEND_PYTHON)  # the backend venv, not QGIS's Python
-        assert plugin._client.info["devices"][0]["name"] == "cpu"
+        client = SESSION.running  # the shared worker the panel and Processing use too
+        assert client.python == str(BACKEND_PYTHON)  # the backend venv, not QGIS's Python
+        assert client.info["devices"][0]["name"] == "cpu"
         wait_until(lambda: qgis_iface.messageBar().get_messages(Qgis.Success), timeout_milliseconds=5_000)
     finally:
         plugin.unload()
-    assert plugin._client is None
+    assert SESSION.running is None and not client.alive
 
 
 @pytest.fixture
