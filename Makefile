@@ -24,7 +24,7 @@ export QT_QPA_PLATFORM := offscreen
 export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help setup system test test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog
+.PHONY: help setup system test test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog screenshots
 
 help:
 	@echo "make demo    - set up, then run change detection on the bundled LEVIR-CD pair (outputs in demo_out/)"
@@ -71,16 +71,22 @@ test-backend:
 test-plugin:
 	$(VQ)/bin/python -m pytest -q -p no:cacheprovider tests/plugin
 
-# A real QGIS window under Xvfb loading the packaged plugin (enabled through a fresh profile).
+# A real QGIS window under Xvfb with the packaged plugin enabled (fresh profile and backend folders): the
+# analyst's round trip through the panel, a screenshot per step in build/desktop/, checks on its record.
+DESKTOP := $(CURDIR)/build/desktop
 test-desktop: package
-	rm -rf build/qgis-profile && mkdir -p build/qgis-profile/profiles/default/QGIS
+	rm -rf build/qgis-profile $(DESKTOP) && mkdir -p build/qgis-profile/profiles/default/QGIS $(DESKTOP)
 	printf '[PythonPlugins]\nrs_peft_qgis=true\n[qgis]\ncheckVersion=false\n' > build/qgis-profile/profiles/default/QGIS/QGIS3.ini
-	rm -f build/smoke.json
-	env -u QT_QPA_PLATFORM QGIS_PLUGINPATH=$(CURDIR)/build/package SMOKE_OUT=$(CURDIR)/build/smoke.json \
-	  SMOKE_PNG=$(CURDIR)/build/smoke.png timeout 180 xvfb-run -a -s "-screen 0 1600x1000x24" \
-	  qgis --nologo --noversioncheck --profiles-path $(CURDIR)/build/qgis-profile --code $(CURDIR)/tests/desktop/smoke.py
-	/usr/bin/python3 -c "import json; d = json.load(open('build/smoke.json')); print('desktop smoke:', d); \
-	  assert d['loaded'] and d['diagnostics_action'], d"
+	env -u QT_QPA_PLATFORM QGIS_PLUGINPATH=$(CURDIR)/build/package WALK_OUT=$(DESKTOP) WALK_DATA=$(CURDIR)/tests/data/levir_cd \
+	  RS_PEFT_QGIS_DATA_DIR=$(DESKTOP)/data RS_PEFT_QGIS_CACHE_DIR=$(DESKTOP)/cache RS_PEFT_QGIS_LOG_DIR=$(DESKTOP)/logs \
+	  timeout 600 xvfb-run -a -s "-screen 0 1600x1000x24" \
+	  qgis --nologo --noversioncheck --profiles-path $(CURDIR)/build/qgis-profile --code $(CURDIR)/tests/desktop/walkthrough.py
+	/usr/bin/python3 tests/desktop/check_walkthrough.py $(DESKTOP)
+
+# The user guide's screenshots come from the real window of the desktop test.
+screenshots: test-desktop
+	mkdir -p docs/img
+	for f in $(DESKTOP)/0*.png; do convert "$$f" -resize 1400x -quality 82 docs/img/$$(basename "$${f%.png}").jpg; done
 
 # The job catalog the QGIS side builds its forms and Processing algorithms from (a test keeps it current).
 catalog: $(VB)/.ok

@@ -1,0 +1,218 @@
+"""Run by `qgis --code` in a real QGIS window under Xvfb (make test-desktop / make screenshots).
+
+The analyst's round trip through the packaged plugin, driven through the panel's own widgets:
+detect (CVA) -> inspect and judge the largest changes -> compare before/after with the swipe ->
+annotate -> fine-tune on a selected training area -> detect again with the new adapter.
+A screenshot of the whole window is saved after each step (WALK_OUT/NN_name.png) and the checks
+go to WALK_OUT/walkthrough.json, which the Makefile asserts on.
+
+The fine-tune uses the tiny TinyViT encoder with random frozen weights: no checkpoint can be
+downloaded on the machines this runs on, so the screenshots show the workflow, not real accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from qgis.core import (
+    QgsFeature,
+    QgsFillSymbol,
+    QgsGeometry,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QTimer
+from qgis.PyQt.QtWidgets import QApplication, QDockWidget
+from qgis.utils import iface, plugins
+
+OUT = Path(os.environ["WALK_OUT"])
+DATA = Path(os.environ["WALK_DATA"])  # tests/data/levir_cd
+OUT.mkdir(parents=True, exist_ok=True)
+FAST = {  # the tiny encoder, a few steps: the workflow in about a minute on 2 CPU cores
+    "backbone": "tiny_vit_tiny",
+    "allow_random_backbone": True,
+    "epochs": 3,
+    "steps_per_epoch": 4,
+    "batch_size": 2,
+    "patch_size": 128,
+}
+result: dict = {"steps": [], "errors": []}
+
+
+def shot(name: str) -> None:
+    QApplication.processEvents()
+    iface.mapCanvas().refreshAllLayers()
+    path = OUT / f"{name}.png"
+    iface.mainWindow().grab().save(str(path))
+    result["steps"].append(name)
+
+
+def wait_job(dock) -> Iterator[Callable[[], bool]]:
+    yield lambda: dock.current_task is None
+
+
+def wait_render() -> Iterator[Callable[[], bool]]:
+    canvas = iface.mapCanvas()
+    canvas.refresh()
+    yield lambda: not canvas.isDrawing()
+
+
+def layer_facts(layers: list) -> list[dict]:
+    return [
+        {"name": x.name(), "crs": x.crs().authid(), "extent": [round(v, 7) for v in x.extent().toRectF().getCoords()]}
+        for x in layers
+    ]
+
+
+def steps() -> Iterator[Callable[[], bool]]:
+    plugin = plugins["rs_peft_qgis"]
+    dock = plugin.dock
+    result["loaded"] = True
+    result["menu"] = [a.text() for a in iface.rasterMenu().actions()]
+    project = QgsProject.instance()
+    iface.mainWindow().setGeometry(0, 0, 1600, 1000)  # no window manager under Xvfb: maximize is a no-op
+    before = QgsRasterLayer(str(DATA / "test_1_A.tif"), "before (LEVIR-CD test_1)", "gdal")
+    after = QgsRasterLayer(str(DATA / "test_1_B.tif"), "after (LEVIR-CD test_1)", "gdal")
+    reference = QgsRasterLayer(str(DATA / "test_1_label.tif"), "reference changes", "gdal")
+    project.addMapLayers([reference, before, after])
+    project.layerTreeRoot().findLayer(reference.id()).setItemVisibilityChecked(False)
+    iface.mapCanvas().setExtent(before.extent())
+    dock.show()
+    dock.raise_()
+    docks = iface.mainWindow().findChildren(QDockWidget)
+    result["dock_visible"] = any(d.objectName() == "RsPeftDock" and d.isVisible() for d in docks)
+
+    # 1. Detect with change-vector analysis (no training).
+    dock.set_job("change.cva")
+    dock.form.set_value("before", before)
+    dock.form.set_value("after", after)
+    dock.form.set_value("min_area_m2", 20.0)
+    dock.form.set_value("out_dir", str(OUT / "results"))
+    assert dock.run() is not None, dock.message.text()
+    yield from wait_job(dock)
+    assert dock.last_outcome.get("status") == "finished", dock.last_outcome
+    result["detect"] = layer_facts(dock.last_layers)
+    result["before"] = layer_facts([before])[0]
+    dock.tabs.setCurrentIndex(0)
+    yield from wait_render()
+    shot("01_detect")
+
+    # 2. Inspect: step through the largest changes; the reference mask plays the analyst's eye.
+    inspector = dock.inspector
+    polygons = inspector.layer
+    result["changes_listed"] = inspector.table.rowCount()
+    dock.tabs.setCurrentIndex(1)
+    inspector.select_row(0)
+    for _ in range(8):
+        fid = inspector._rows[inspector.current_row][0]
+        centre = polygons.getFeature(fid).geometry().pointOnSurface().asPoint()
+        value, ok = reference.dataProvider().sample(QgsPointXY(centre), 1)
+        inspector.judge("accepted" if ok and value > 0 else "rejected")
+    result["reviewed"] = inspector.reviewed_count()
+    yield from wait_render()
+    shot("02_inspect")
+
+    # 3. Before/after: the swipe shows "after" left of the handle, "before" right of it.
+    iface.mapCanvas().setExtent(before.extent())
+    dock.compare.set_layers(before, after)
+    dock.compare.swipe_button.setChecked(True)
+    yield from wait_render()
+    tool = dock.compare.tool
+    yield lambda: not tool.rendering
+    tool.set_position(iface.mapCanvas().width() // 2)
+    shot("03_swipe")
+    dock.compare.stop_swipe()
+
+    # 4. Export the verdicts as labels, then annotate: a new layer, two drawn polygons.
+    labels = inspector.export_to(OUT / "results" / "reviewed_labels.gpkg")
+    result["exported_labels"] = labels.featureCount() if labels else 0
+    dock.tabs.setCurrentIndex(2)
+    annotation = dock.new_annotation_layer()
+    result["annotation"] = {
+        "fields": annotation.fields().names(),
+        "crs": annotation.crs().authid(),
+        "editing": annotation.isEditable(),
+    }
+    for feat in list(labels.getFeatures())[:6]:  # what the analyst would trace over the imagery
+        f = QgsFeature(annotation.fields())
+        f.setGeometry(QgsGeometry(feat.geometry()))
+        f.setAttribute("change", feat["change"])
+        annotation.addFeature(f)
+    iface.mapCanvas().refresh()
+    yield from wait_render()
+    shot("04_annotate")
+
+    # 5. Fine-tune on a selected training area (the whole scene here) with the drawn labels.
+    area = QgsVectorLayer("Polygon?crs=EPSG:4326", "training area", "memory")
+    f = QgsFeature(area.fields())
+    e = before.extent()
+    f.setGeometry(QgsGeometry.fromRect(QgsRectangle(e)))
+    area.dataProvider().addFeatures([f])
+    area.renderer().setSymbol(
+        QgsFillSymbol.createSimple({"color": "0,0,0,0", "outline_color": "255,170,0", "outline_width": "1"})
+    )
+    project.addMapLayer(area)
+    area.selectAll()
+    dock.labels_combo.setLayer(annotation)
+    dock.area_combo.setLayer(area)
+    ft = dock.form_for("change.finetune")
+    for key, value in FAST.items():
+        ft.set_value(key, value)
+    ft.set_value("adapter_name", "walkthrough")
+    ft.set_value("overwrite", True)
+    task = dock.finetune_on_selection()
+    assert task is not None, dock.annotate_status.text() + " " + dock.message.text()
+    area.removeSelection()  # the job already has the area; QGIS's selection fill would hide the map
+    yield from wait_job(dock)
+    assert dock.last_outcome.get("status") == "finished", dock.last_outcome
+    result["epochs"] = dock.epoch_table.rowCount()
+    result["adapter"] = dock.last_outcome["metrics"].get("adapter")
+    shot("05_finetune")
+
+    # 6. Detect again with the new adapter ("Apply now" preselects it).
+    yield lambda: dock.adapters is not None and any(a.get("name") == "walkthrough" for a in dock.adapters)
+    dock.apply_now("change.detect", "walkthrough")
+    dock.form.set_value("before", before)
+    dock.form.set_value("after", after)
+    dock.form.set_value("out_dir", str(OUT / "results"))
+    assert dock.run() is not None, dock.message.text()
+    yield from wait_job(dock)
+    assert dock.last_outcome.get("status") == "finished", dock.last_outcome
+    result["detect_again"] = layer_facts(dock.last_layers)
+    dock.tabs.setCurrentIndex(0)
+    iface.mapCanvas().setExtent(before.extent())
+    yield from wait_render()
+    shot("06_detect_again")
+
+
+def finish() -> None:
+    (OUT / "walkthrough.json").write_text(json.dumps(result, indent=1))
+    QgsProject.instance().clear()
+    iface.actionExit().trigger()
+
+
+def drive(gen: Iterator[Callable[[], bool]], condition: Callable[[], bool] | None = None) -> None:
+    """Advance the steps whenever the pending condition holds, polling the event loop every 200 ms."""
+    try:
+        if condition is None or condition():
+            condition = next(gen)
+    except StopIteration:
+        result["completed"] = True
+        finish()
+        return
+    except Exception:  # a failing step ends the run with its traceback in the JSON
+        result["errors"].append(traceback.format_exc())
+        shot("error")
+        finish()
+        return
+    QTimer.singleShot(200, lambda: drive(gen, condition))
+
+
+QTimer.singleShot(3000, lambda: drive(steps()))
