@@ -118,7 +118,13 @@ install-plugin: package
 	mkdir -p $(QGIS_PROFILE)/python/plugins
 	rm -rf $(QGIS_PROFILE)/python/plugins/rs_peft_qgis
 	ln -sfn $(CURDIR)/build/package/rs_peft_qgis $(QGIS_PROFILE)/python/plugins/rs_peft_qgis
-	@echo "linked into $(QGIS_PROFILE)/python/plugins; enable 'RS PEFT' in Plugins > Manage and Install Plugins"
+	@# qgis_process enables plugins of the profile named "default" under QGIS_CUSTOM_CONFIG_PATH.
+	@if [ "$$(basename $(QGIS_PROFILE))" = default ] && QGIS_CUSTOM_CONFIG_PATH=$$(dirname $$(dirname $(QGIS_PROFILE))) \
+	    timeout 120 qgis_process plugins enable rs_peft_qgis >/dev/null 2>&1; then \
+	  echo "installed and enabled in $(QGIS_PROFILE): start QGIS, the RS PEFT panel is on the right"; \
+	else \
+	  echo "linked into $(QGIS_PROFILE)/python/plugins; enable 'RS PEFT' in Plugins > Manage and Install Plugins"; \
+	fi
 
 clean:
 	rm -rf build dist demo_out bench/results .qgis-settings
