@@ -371,32 +371,35 @@ def gsa(pan: np.ndarray, ms_up: np.ndarray, ms: np.ndarray, ratio: int) -> np.nd
     return up + gains[:, None, None] * (pan0 - intensity)
 
 
-def mtf_glp_hpm(pan: np.ndarray, ms_up: np.ndarray, ratio: int, gains: GainsLike) -> np.ndarray:
-    """MTF-GLP with high-pass modulation (Aiazzi et al. 2003): fused = ms_up * pan_eq / pan_low, per band.
+def mtf_glp_hpm(
+    pan: np.ndarray, ms_up: np.ndarray, ratio: int, gains: GainsLike, at: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """MTF-GLP with high-pass modulation (Aiazzi et al. 2003): fused_b = ms_up_b * pan / pan_low_b.
 
-    pan_eq is the PAN matched to the band's mean and standard deviation (the std of its low-pass, so PAN
-    detail the MS lacks does not shrink the match); pan_low is pan_eq MTF-filtered with the band's gain,
-    decimated and re-interpolated, so it carries the same aliasing as ms_up. Assumes positive radiances.
+    pan_low_b is the PAN MTF-filtered with band b's gain, decimated to the MS pixel centres and
+    re-interpolated (23 taps), so it carries the MS's resolution and aliasing. The PAN is equalised to each
+    band by gain only, which cancels in the modulation. The toolbox also shifts the PAN's mean to the
+    band's; where a band has more relative contrast than the PAN (dark blue bands over cities) that drives
+    the low-pass PAN to zero or below and the modulation explodes (SpaceNet-6 11-bit data: values from
+    -878 499 to 1 695 231), so that step is left out.
+
+    `ms_up` may be a window of the PAN grid at offset `at` inside `pan` (tiled use: `pan` then starts on an
+    MS pixel corner, spans whole MS pixels and has 12 x ratio pixels of context on each side).
     """
     pan2 = _as_pan(pan)
     up, _ = _as_cube(ms_up, "The upsampled MS")
     ratio = check_ratio(ratio)
-    _check_shapes(pan2, up)
     _check_divisible(pan2.shape, ratio, "The PAN")
+    h, w = up.shape[1:]
+    if at == (0, 0) and (h, w) == pan2.shape:
+        _check_shapes(pan2, up)
     g = band_gains(gains, up.shape[0])
-    pan_mean = pan2.mean()
-    pan_lp_std = mtf_filter(pan2, GENERIC_GAIN, ratio).std(ddof=1)
-    if pan_lp_std <= 1e-9 * (abs(pan_mean) + 1.0):
-        return up.copy()  # a flat PAN (up to rounding) has no detail to inject
-    # degrade/upsample are linear and keep constants, so each band's pan_low is an affine map of one
-    # low-pass PAN per distinct gain.
-    low_by_gain = {gain: upsample(degrade(pan2, ratio, gain), ratio) for gain in np.unique(g)}
-    out = np.empty_like(up)
-    for b in range(up.shape[0]):
-        scale = up[b].std(ddof=1) / pan_lp_std
-        offset = up[b].mean()
-        pan_eq = (pan2 - pan_mean) * scale + offset
-        pan_low = (low_by_gain[g[b]] - pan_mean) * scale + offset
-        # Modulation has no meaning where the low-pass intensity is not positive: keep the MS there.
-        out[b] = np.divide(up[b] * pan_eq, pan_low, out=up[b].copy(), where=pan_low > 1e-12)
+    out = up.copy()
+    inner = (slice(at[0], at[0] + h), slice(at[1], at[1] + w))
+    pan_in = pan2[inner]
+    for gain in np.unique(g):
+        low = upsample(degrade(pan2, ratio, float(gain)), ratio)[inner]
+        # Where the low-pass PAN is not positive the modulation has no meaning: the MS is kept there.
+        modulation = np.divide(pan_in, low, out=np.ones_like(low), where=low > 1e-12)
+        out[g == gain] *= modulation[None]
     return out
