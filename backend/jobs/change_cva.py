@@ -21,7 +21,7 @@ from backend.io.rasterize import restrict_to_aoi
 from backend.io.tiling import TileSpec, block_windows, run_tiled
 from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.jobs.change_outputs import DECLARED, ChangeOutputs
+from backend.jobs.change_outputs import DECLARED, ChangeOutputs, pair_reader
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 HIST_BINS = 2048
@@ -77,14 +77,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     before = RasterSource(p["before"], p["bands"], grid=grid, what="before")
     after = RasterSource(p["after"], p["bands"], grid=grid, resampling=Resampling.bilinear, what="after")
     with before, after, tempfile.TemporaryDirectory(dir=out_dir, prefix=f".partial-{ctx.job_id}-") as tmp:
-
-        def read_pair(win: Any) -> tuple[np.ndarray, np.ndarray]:
-            a, va = before.read(win)
-            b, vb = after.read(win)
-            valid = va & vb
-            if aoi is not None:
-                valid &= aoi.burn(grid.window_grid(win)) > 0
-            return np.concatenate([a, b]), valid
+        read_pair = pair_reader(before, after, grid, aoi)
 
         mean, std = _band_stats(ctx, grid, read_pair, before.count)
         nb = before.count

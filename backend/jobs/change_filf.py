@@ -15,7 +15,7 @@ from backend.io.raster import RasterSource, overlap_grid
 from backend.io.rasterize import IGNORE, restrict_to_aoi
 from backend.io.tiling import TileSpec, run_tiled
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.jobs.change_outputs import DECLARED, ChangeOutputs
+from backend.jobs.change_outputs import DECLARED, ChangeOutputs, pair_reader
 from backend.methods.filf import BACKBONES, FILF, build_filf
 from backend.models.backbones.loading import CheckpointMismatch, read_checkpoint
 from backend.models.peft.freeze import count_parameters
@@ -277,13 +277,7 @@ def detect(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     before = RasterSource(p["before"], meta.bands, grid=grid, what="before")
     after = RasterSource(p["after"], meta.bands, grid=grid, resampling=Resampling.bilinear, what="after")
 
-    def read_pair(win: Any) -> tuple[np.ndarray, np.ndarray]:
-        a, va = before.read(win)
-        b, vb = after.read(win)
-        valid = va & vb
-        if aoi is not None:
-            valid &= aoi.burn(grid.window_grid(win)) > 0
-        return np.concatenate([a, b]), valid
+    read_pair = pair_reader(before, after, grid, aoi)
 
     @torch.no_grad()
     def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:

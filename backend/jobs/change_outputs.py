@@ -6,6 +6,7 @@ context finishes the rasters; `finish()` vectorizes the mask and returns the job
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from backend.io.raster import Grid, RasterSource
+from backend.io.rasterize import PolygonBurner
 from backend.io.vectorize import vectorize
 from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobContext, OutputDecl
@@ -22,6 +24,23 @@ from backend.protocol import JobResult, Output
 
 PROB_NODATA = -1.0
 MASK_NODATA = 255
+
+
+def pair_reader(
+    before: RasterSource, after: RasterSource, grid: Grid, aoi: PolygonBurner | None
+) -> Callable[[Window], tuple[np.ndarray, np.ndarray]]:
+    """Reads both dates of a window stacked (before bands, then after bands) and where both are valid
+    (and inside the area of interest)."""
+
+    def read_pair(win: Window) -> tuple[np.ndarray, np.ndarray]:
+        a, va = before.read(win)
+        b, vb = after.read(win)
+        valid = va & vb
+        if aoi is not None:
+            valid &= aoi.burn(grid.window_grid(win)) > 0
+        return np.concatenate([a, b]), valid
+
+    return read_pair
 
 
 DECLARED = (
