@@ -23,6 +23,8 @@ from rasterio.windows import Window, from_bounds
 
 from backend.protocol import INVALID_INPUT, JobError
 
+PIXEL_CRS = CRS.from_epsg(3857)  # stand-in CRS for warping rasters that have none
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -151,7 +153,10 @@ class RasterSource:
         resampling: Resampling = Resampling.bilinear,
         scale: str = "none",
         what: str = "raster",
+        pixel_scale: int | None = None,
     ) -> None:
+        """`pixel_scale`: the raster has no georeferencing and its pixel i covers `grid` pixels
+        pixel_scale*i … pixel_scale*(i+1) (an MS under a PAN of the same scene), so it is warped in pixel space."""
         self.path = Path(path)
         self.ds = open_dataset(path, what)
         self.bands = check_bands(self.ds, bands, what)
@@ -161,8 +166,21 @@ class RasterSource:
         self.dtype = np.dtype(self.ds.dtypes[self.bands[0] - 1])
         self.nodata = self.ds.nodata
         self._vrt: WarpedVRT | None = None
-        self._offset = _aligned(self.native, self.grid) if grid is not None else (0, 0)
-        if self._offset is None:
+        self._offset = _aligned(self.native, self.grid) if grid is not None and pixel_scale is None else (0, 0)
+        if pixel_scale is not None:
+            # One made-up CRS on both sides lets GDAL's warper resample by the pixel scale alone.
+            self._vrt = WarpedVRT(
+                self.ds,
+                src_crs=PIXEL_CRS,
+                src_transform=Affine.scale(pixel_scale),
+                crs=PIXEL_CRS,
+                transform=self.grid.transform,
+                width=self.grid.width,
+                height=self.grid.height,
+                resampling=resampling,
+                add_alpha=self.ds.nodata is None,
+            )
+        elif self._offset is None:
             # Without a nodata value the warper would mark pixels outside the footprint valid;
             # an alpha band keeps that information.
             self._vrt = WarpedVRT(

@@ -21,23 +21,14 @@ from backend.io.rasterize import restrict_to_aoi
 from backend.io.tiling import TileSpec, block_windows, run_tiled
 from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.jobs.change_outputs import DECLARED, ChangeOutputs, pair_reader
+from backend.jobs.change_outputs import DECLARED, MAP_INPUTS, ChangeOutputs, pair_reader
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 HIST_BINS = 2048
 GAUSS_TRUNCATE = 3.0
 
 PARAMS = (
-    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True, kind="raster"),
-    Param(
-        "after",
-        str,
-        "Raster of the second date (any CRS/resolution; aligned on the fly).",
-        required=True,
-        kind="raster",
-    ),
-    Param("out_dir", str, "Folder for the results.", required=True, kind="folder"),
-    Param("aoi", str, "Polygon layer: only the area inside it is analysed (default: all).", kind="polygons"),
+    *MAP_INPUTS,
     Param("bands", list, "Bands to compare, e.g. 1,2,3 (default: all).", kind="bands"),
     Param("reference", str, "Optional reference change mask (non-zero = change) to score against.", kind="raster"),
     Param("threshold", float, "Fixed magnitude threshold instead of Otsu's.", default=None),

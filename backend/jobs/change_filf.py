@@ -15,7 +15,7 @@ from backend.io.raster import RasterSource, overlap_grid
 from backend.io.rasterize import IGNORE, restrict_to_aoi
 from backend.io.tiling import TileSpec, run_tiled
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.jobs.change_outputs import DECLARED, ChangeOutputs, pair_reader
+from backend.jobs.change_outputs import DECLARED, MAP_INPUTS, ChangeOutputs, pair_reader
 from backend.methods.filf import BACKBONES, FILF, build_filf
 from backend.models.backbones.loading import CheckpointMismatch, read_checkpoint
 from backend.models.peft.freeze import count_parameters
@@ -211,17 +211,9 @@ def train_adapter(
 # --- change.detect -------------------------------------------------------------------------------
 
 DETECT_PARAMS = (
-    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True, kind="raster"),
-    Param(
-        "after",
-        str,
-        "Raster of the second date (any CRS/resolution; aligned on the fly).",
-        required=True,
-        kind="raster",
-    ),
+    *MAP_INPUTS[:2],
     Param("adapter", str, "Name of a FILF adapter in the library.", required=True, kind="adapter"),
-    Param("out_dir", str, "Folder for the results.", required=True, kind="folder"),
-    Param("aoi", str, "Polygon layer: only the area inside it is analysed (default: all).", kind="polygons"),
+    *MAP_INPUTS[2:],
     Param("backbone", str, "Expected backbone (refused if the adapter was trained on another).", default=None),
     Param("reference", str, "Optional reference change mask to score against.", kind="raster"),
     Param("threshold", float, "Change probability threshold.", default=0.5),

@@ -18,7 +18,7 @@ from backend.io.raster import Grid, RasterSource
 from backend.io.rasterize import PolygonBurner
 from backend.io.vectorize import vectorize
 from backend.io.writer import GeoTiffWriter
-from backend.jobs.base import JobContext, OutputDecl
+from backend.jobs.base import JobContext, OutputDecl, Param
 from backend.metrics.change import BinaryConfusion
 from backend.protocol import JobResult, Output
 
@@ -42,6 +42,20 @@ def pair_reader(
 
     return read_pair
 
+
+# The inputs every change map job (CVA, FILF detect) takes, declared once.
+MAP_INPUTS = (
+    Param("before", str, "Raster of the first date (its grid is the output grid).", required=True, kind="raster"),
+    Param(
+        "after",
+        str,
+        "Raster of the second date (any CRS/resolution; aligned on the fly).",
+        required=True,
+        kind="raster",
+    ),
+    Param("out_dir", str, "Folder for the results.", required=True, kind="folder"),
+    Param("aoi", str, "Polygon layer: only the area inside it is analysed (default: all).", kind="polygons"),
+)
 
 DECLARED = (
     OutputDecl("probability", "raster", "Change probability (0-1)"),

@@ -25,12 +25,11 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 from scipy import ndimage
 
-from backend.io.raster import Grid, RasterSource, open_dataset, overlap_grid
+from backend.io.raster import Grid, RasterSource, overlap_grid
 from backend.io.rasterize import PolygonBurner, restrict_to_aoi
 from backend.io.tiling import block_windows
 from backend.io.writer import GeoTiffWriter
@@ -54,9 +53,19 @@ HPM_HALO = 12  # x ratio: the reach of MTF filter + decimation + 23-tap re-inter
 STATS_BLOCK = 512  # PAN pixels; fixed so that the statistics do not depend on the tile size
 MAX_STATS_BLOCKS = 64  # evenly spread blocks sampled on big scenes (up to ~17 MP read for statistics)
 # In pixel space (neither raster georeferenced) both grids are put in one made-up CRS for the warper.
-_PIXEL_CRS = CRS.from_epsg(3857)
 
 DECLARED = (OutputDecl("pansharpened", "raster", "Pansharpened image (PAN grid, MS bands and dtype)"),)
+
+SENSOR = Param(
+    "sensor",
+    str,
+    "Sensor of the MS, for its MTF filters (QB = QuickBird, WV2/WV3 = WorldView-2/3); generic for others.",
+    default="generic",
+    choices=SENSOR_CHOICES,
+)
+RATIO = Param(
+    "ratio", int, "MS pixel size / PAN pixel size (2, 4 …); auto = detected from the two grids.", default=None
+)
 
 PARAMS = (
     Param("pan", str, "Panchromatic raster (one band); its grid is the output grid.", required=True, kind="raster"),
@@ -76,19 +85,8 @@ PARAMS = (
         default="mtf_glp_hpm",
         choices=METHODS,
     ),
-    Param(
-        "sensor",
-        str,
-        "Sensor of the MS, for its MTF filters (QB = QuickBird, WV2/WV3 = WorldView-2/3); generic for others.",
-        default="generic",
-        choices=SENSOR_CHOICES,
-    ),
-    Param(
-        "ratio",
-        int,
-        "MS pixel size / PAN pixel size (2, 4 …); auto = detected from the two grids.",
-        default=None,
-    ),
+    SENSOR,
+    RATIO,
     Param("ms_bands", list, "MS bands to pansharpen, e.g. 1,2,3 (default: all).", kind="bands"),
     Param("aoi", str, "Polygon layer: only the area inside it is pansharpened (default: all).", kind="polygons"),
     Param("name", str, "Prefix of the output file name.", default="pansharpened"),
@@ -123,7 +121,7 @@ class Pair:
         """Reads the MS bands on `grid` (a PAN-pixel grid, or an MS-scale grid in the same units)."""
         if self.georeferenced:
             return RasterSource(self.ms, self.ms_bands, grid=grid, resampling=resampling, what="MS")
-        return PixelSpaceSource(self.ms, self.ms_bands, grid, self.ratio, resampling)
+        return RasterSource(self.ms, self.ms_bands, grid=grid, resampling=resampling, what="MS", pixel_scale=self.ratio)
 
     def overlap(self) -> Grid:
         """The part of the PAN grid the MS also covers."""
@@ -144,46 +142,6 @@ class Pair:
             return 0, 0
         col, row = ~grid.transform * (ms_t.c, ms_t.f)
         return round(row) % self.ratio, round(col) % self.ratio
-
-
-class PixelSpaceSource:
-    """RasterSource's read() for an MS without georeferencing: its pixel i covers PAN pixels ratio*i ...
-
-    Both images are given one made-up CRS so that GDAL's warper can resample the MS onto PAN pixels.
-    """
-
-    def __init__(self, path: str, bands: list[int], grid: Grid, ratio: int, resampling: Resampling) -> None:
-        self.ds = open_dataset(path, "MS")
-        self.bands = bands
-        self.dtype = np.dtype(self.ds.dtypes[bands[0] - 1])
-        self.vrt = WarpedVRT(
-            self.ds,
-            src_crs=_PIXEL_CRS,
-            src_transform=Affine.scale(ratio),
-            crs=_PIXEL_CRS,
-            transform=grid.transform,
-            width=grid.width,
-            height=grid.height,
-            resampling=resampling,
-            add_alpha=self.ds.nodata is None,
-        )
-
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        data = self.vrt.read(self.bands, window=window).astype(np.float32, copy=False)
-        valid = np.all(self.vrt.read_masks(self.bands, window=window) > 0, axis=0)
-        if np.issubdtype(self.dtype, np.floating):
-            valid &= np.all(np.isfinite(data), axis=0)
-        return data, valid
-
-    def close(self) -> None:
-        self.vrt.close()
-        self.ds.close()
-
-    def __enter__(self) -> PixelSpaceSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_pair(ctx: JobContext, pan: str, ms: str, ms_bands: list[int] | None, ratio: int | None) -> Pair:

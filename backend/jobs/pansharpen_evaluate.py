@@ -26,7 +26,8 @@ from backend.jobs.base import JobContext, JobSpec, Param
 from backend.jobs.pansharpen_classic import (
     METHOD_TITLES,
     METHODS,
-    SENSOR_CHOICES,
+    RATIO,
+    SENSOR,
     Pair,
     open_pair,
     sensor_gains,
@@ -55,14 +56,8 @@ PARAMS = (
         default="none",
         choices=(*METHODS, "none"),
     ),
-    Param(
-        "sensor",
-        str,
-        "Sensor of the MS, for its MTF filters (QB = QuickBird, WV2/WV3 = WorldView-2/3); generic for others.",
-        default="generic",
-        choices=SENSOR_CHOICES,
-    ),
-    Param("ratio", int, "MS pixel size / PAN pixel size (2, 4 …); auto = detected from the two grids.", default=None),
+    SENSOR,
+    RATIO,
     Param("ms_bands", list, "MS bands to evaluate, e.g. 1,2,3 (default: all).", kind="bands"),
     Param("aoi", str, "Polygon layer: evaluate inside its bounding box (default: the whole overlap).", kind="polygons"),
     Param(

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from qgis.core import QgsProject
+from qgis.PyQt.QtGui import QColor, QImage
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -64,3 +66,41 @@ def filf_adapter() -> str:
         client.shutdown()
     assert handle.succeeded, handle.outcome
     return "plugin-tests"
+
+
+JOB_TIMEOUT_MS = 180_000
+
+
+@pytest.fixture
+def dock(qgis_iface, qgis_new_project):
+    """The RS PEFT panel on the test QGIS; afterwards no job, layer or adapter read is left running."""
+    from pytest_qgis.utils import wait_until
+
+    from rs_peft_qgis.dock import RsPeftDock
+
+    panel = RsPeftDock(qgis_iface)
+    yield panel
+    if panel.current_task is not None:
+        panel.cancel()
+        wait_until(lambda: panel.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+    if panel._adapter_task is not None:
+        wait_until(lambda: panel._adapter_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+    panel.shutdown()
+    panel.last_layers = []
+    if panel.inspector is not None:
+        panel.inspector.set_layer(None)
+    if panel.compare is not None and hasattr(panel.compare, "set_layers"):
+        panel.compare.set_layers(None, None)
+    QgsProject.instance().removeAllMapLayers()
+    panel.deleteLater()
+
+
+@pytest.fixture
+def xyz_url(tmp_path: Path) -> str:
+    """An XYZ tile URL served from one local red tile (a web map without network)."""
+    tiles = tmp_path / "tiles" / "0" / "0"
+    tiles.mkdir(parents=True)
+    image = QImage(256, 256, QImage.Format_RGB32)
+    image.fill(QColor(200, 30, 30))
+    assert image.save(str(tiles / "0.png"))
+    return (tmp_path / "tiles").as_uri() + "/{z}/{x}/{y}.png"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import FAST_FINETUNE, levir
+from conftest import FAST_FINETUNE, JOB_TIMEOUT_MS, levir
 from pytest_qgis.utils import wait_until
 from qgis.core import (
     Qgis,
@@ -25,29 +25,6 @@ from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDockWidget, QLineEdit
 from rs_peft_qgis import catalog
 from rs_peft_qgis.forms import AdapterPicker, AoiChooser, LayerPicker, raster_hint
 from rs_peft_qgis.session import SESSION
-
-JOB_TIMEOUT_MS = 180_000
-
-
-@pytest.fixture
-def dock(qgis_iface, qgis_new_project):
-    from rs_peft_qgis.dock import RsPeftDock
-
-    panel = RsPeftDock(qgis_iface)
-    yield panel
-    if panel.current_task is not None:
-        panel.cancel()
-        wait_until(lambda: panel.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
-    if panel._adapter_task is not None:
-        wait_until(lambda: panel._adapter_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
-    panel.shutdown()
-    panel.last_layers = []
-    if panel.inspector is not None:
-        panel.inspector.set_layer(None)
-    if panel.compare is not None and hasattr(panel.compare, "set_layers"):
-        panel.compare.set_layers(None, None)
-    QgsProject.instance().removeAllMapLayers()
-    panel.deleteLater()
 
 
 def add_raster(path: Path, name: str | None = None) -> QgsRasterLayer:

@@ -15,7 +15,6 @@ from qgis.core import (
     QgsRectangle,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtGui import QColor, QImage
 
 from rs_peft_qgis import layers
 
@@ -98,15 +97,9 @@ def test_a_raster_exports_over_an_extent_at_its_own_resolution(tmp_path: Path) -
     del out, raster
 
 
-def test_a_web_tile_layer_is_rendered_to_a_georeferenced_image(tmp_path: Path) -> None:
+def test_a_web_tile_layer_is_rendered_to_a_georeferenced_image(tmp_path: Path, xyz_url: str) -> None:
     """An XYZ layer (served from local files: no network here) has no pixels of its own: it is rendered."""
-    tiles = tmp_path / "tiles" / "0" / "0"
-    tiles.mkdir(parents=True)
-    image = QImage(256, 256, QImage.Format_RGB32)
-    image.fill(QColor(200, 30, 30))
-    assert image.save(str(tiles / "0.png"))
-    url = (tmp_path / "tiles").as_uri() + "/{z}/{x}/{y}.png"
-    xyz = QgsRasterLayer(f"type=xyz&url={url}&zmin=0&zmax=0", "xyz", "wms")
+    xyz = QgsRasterLayer(f"type=xyz&url={xyz_url}&zmin=0&zmax=0", "xyz", "wms")
     assert xyz.isValid(), xyz.error().summary()
     assert layers.file_source(xyz) is None
     with pytest.raises(layers.LayerError, match="no pixel size of its own"):

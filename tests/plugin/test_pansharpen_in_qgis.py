@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import JOB_TIMEOUT_MS, ROOT
 from pytest_qgis.utils import wait_until
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
 from qgis.gui import QgsSpinBox
@@ -25,7 +25,6 @@ if "/usr/share/qgis/python/plugins" not in sys.path:
 
 DATA = ROOT / "tests" / "data" / "pansharpening" / "spacenet6"
 PAN, MS = DATA / "pan.tif", DATA / "ms.tif"
-JOB_TIMEOUT_MS = 180_000
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +63,6 @@ def test_processing_pansharpens_onto_the_pan_grid(provider, tmp_path: Path) -> N
     )
     assert 0 < metrics["rr_method_q2n"] <= 1 and 0 < metrics["fused_hqnr"] <= 1
     del layer, pan
-
-
-@pytest.fixture
-def dock(qgis_iface, qgis_new_project):
-    from rs_peft_qgis.dock import RsPeftDock
-
-    panel = RsPeftDock(qgis_iface)
-    yield panel
-    if panel.current_task is not None:
-        panel.cancel()
-        wait_until(lambda: panel.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
-    if panel._adapter_task is not None:
-        wait_until(lambda: panel._adapter_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
-    panel.shutdown()
-    panel.last_layers = []
-    QgsProject.instance().removeAllMapLayers()
-    panel.deleteLater()
 
 
 def test_dock_lists_pansharpening_and_runs_it(dock, tmp_path: Path) -> None:

@@ -32,7 +32,6 @@ from qgis.core import (
     QgsSettings,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtGui import QColor, QImage
 
 from rs_peft_qgis import catalog
 from rs_peft_qgis.processing.algorithm import ADAPTER, METRICS, OUTPUT_FOLDER
@@ -229,7 +228,7 @@ def test_change_detect_runs_a_filf_adapter(provider, filf_adapter, tmp_path) -> 
     del raster
 
 
-def test_bad_input_raises_a_plain_message_and_leaves_no_outputs(provider, tmp_path) -> None:
+def test_bad_input_raises_a_plain_message_and_leaves_no_outputs(provider, tmp_path, xyz_url) -> None:
     far_before, _, _ = levir("test_77_0512_0256")
     _, near_after, _ = levir("test_2_0000_0000")
     out_dir = tmp_path / "bad"
@@ -245,13 +244,7 @@ def test_bad_input_raises_a_plain_message_and_leaves_no_outputs(provider, tmp_pa
     assert "no-such-adapter" in str(exc.value) and "Traceback" not in str(exc.value)
     assert files_in(out_dir) == []
     # A web map (XYZ tiles, served from a local file here) has no pixel size Processing could export it at.
-    tiles = tmp_path / "tiles" / "0" / "0"
-    tiles.mkdir(parents=True)
-    image = QImage(256, 256, QImage.Format_RGB32)
-    image.fill(QColor(200, 30, 30))
-    assert image.save(str(tiles / "0.png"))
-    url = (tmp_path / "tiles").as_uri() + "/{z}/{x}/{y}.png"
-    xyz = QgsRasterLayer(f"type=xyz&url={url}&zmin=0&zmax=0", "basemap", "wms")
+    xyz = QgsRasterLayer(f"type=xyz&url={xyz_url}&zmin=0&zmax=0", "basemap", "wms")
     assert xyz.isValid()
     with pytest.raises(QgsProcessingException, match="'basemap' is a web map"):
         run("change_cva", {"before": xyz, "after": str(AFTER), "out_dir": str(out_dir)})
