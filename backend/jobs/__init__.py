@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from backend.jobs import change_cva, change_evaluate, change_filf, models, pansharpen_classic, pansharpen_evaluate
+from backend.jobs import (
+    change_cva,
+    change_evaluate,
+    change_filf,
+    models,
+    pansharpen_classic,
+    pansharpen_evaluate,
+    pansharpen_panadapter,
+)
 from backend.jobs.base import JobSpec
 
 JOBS: dict[str, JobSpec] = {
@@ -14,6 +22,8 @@ JOBS: dict[str, JobSpec] = {
         change_evaluate.SPEC,
         pansharpen_classic.SPEC,
         pansharpen_evaluate.SPEC,
+        pansharpen_panadapter.FINETUNE,
+        pansharpen_panadapter.APPLY,
     )
 }
 # Jobs the worker runs for its own requests (models.fetch), not offered as raster jobs.

@@ -16,10 +16,11 @@ from backend.io.rasterize import IGNORE, restrict_to_aoi
 from backend.io.tiling import TileSpec, run_tiled
 from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
 from backend.jobs.change_outputs import DECLARED, MAP_INPUTS, ChangeOutputs, pair_reader
+from backend.jobs.checkpoints import backbone_checkpoint, training_checkpoint
 from backend.methods.filf import BACKBONES, FILF, build_filf
 from backend.models.backbones.loading import CheckpointMismatch, read_checkpoint
 from backend.models.peft.freeze import count_parameters
-from backend.protocol import INVALID_INPUT, MISSING_WEIGHTS, JobError, JobResult
+from backend.protocol import INVALID_INPUT, JobError, JobResult
 from backend.runtime import resolve_device
 from backend.training.change_data import TrainingArea, load_training_area
 from backend.training.trainer import TrainConfig, fit_change
@@ -33,23 +34,6 @@ def build_model(backbone: str, rank: int, checkpoint: str | None) -> FILF:
     torch.manual_seed(RANDOM_BACKBONE_SEED)
     state = read_checkpoint(checkpoint) if checkpoint else None
     return build_filf(backbone, "bcd", rank=rank, backbone_state=state)
-
-
-def backbone_checkpoint(backbone: str, allow_random: bool, ctx: JobContext) -> tuple[str | None, str | None]:
-    """(checkpoint path, its SHA-256) of an installed backbone; (None, None) for an allowed random init."""
-    entries = weights.load_registry()
-    entry = entries.get(backbone)
-    if entry is not None and weights.status(entry) == "installed":
-        return str(weights.model_path(entry)), weights.installed_sha256(entry)
-    if not allow_random:
-        if entry is None:
-            raise JobError(INVALID_INPUT, f"The {backbone} backbone has no official weights; it is for tests only.")
-        weights.require(backbone)  # raises MISSING_WEIGHTS with the exact command
-    ctx.warn(
-        f"The {backbone} weights are not installed: the frozen encoder is randomly initialised, so results will be "
-        "far below those of the published model."
-    )
-    return None, None
 
 
 def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
@@ -241,17 +225,8 @@ def detect(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     aoi = None
     if p["aoi"]:
         grid, aoi = restrict_to_aoi(grid, p["aoi"], ctx.warnings)
-    checkpoint = None
-    if meta.checkpoint_sha256 is not None:
-        path = weights.require(meta.backbone)
-        if weights.installed_sha256(weights.get_entry(meta.backbone)) != meta.checkpoint_sha256:
-            raise JobError(
-                MISSING_WEIGHTS,
-                f"The installed {meta.backbone} checkpoint is not the one the adapter '{meta.name}' was trained with.",
-                "Install the original checkpoint again, or fine-tune a new adapter.",
-            )
-        checkpoint = str(path)
-    else:
+    checkpoint = training_checkpoint(meta.backbone, meta.checkpoint_sha256, meta.name)
+    if checkpoint is None:
         ctx.warn(f"The adapter '{meta.name}' was trained on a randomly initialised {meta.backbone} encoder.")
     model = build_model(meta.backbone, meta.config["rank"], checkpoint)
     try:

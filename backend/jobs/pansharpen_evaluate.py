@@ -84,7 +84,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         grid, _ = restrict_to_aoi(grid, p["aoi"], ctx.warnings)
     if not pair.georeferenced:
         ctx.warn("The PAN and MS are not georeferenced: they are matched in pixel space (same top-left corner).")
-    win = _window(grid, pair, p["max_size"])
+    win = centre_window(grid, pair, p["max_size"])
     pan_grid = grid.window_grid(win)
     ctx.log(
         f"Evaluating the centre window of {pan_grid.width} x {pan_grid.height} PAN pixels of the "
@@ -93,7 +93,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         "centre (max_size sets the window)."
     )
     ctx.progress(0.05, "reading")
-    pan, ms = _read_window(ctx, pair, pan_grid)
+    pan, ms = read_window(ctx, pair, pan_grid)
 
     metrics: dict[str, Any] = {}
     if method != "none":
@@ -146,7 +146,7 @@ def _fuse(method: str, pan: np.ndarray, ms_up: np.ndarray, ms: np.ndarray, ratio
     return mtf_glp_hpm(pan, ms_up, ratio, gains)
 
 
-def _window(grid: Grid, pair: Pair, max_size: int) -> Window:
+def centre_window(grid: Grid, pair: Pair, max_size: int) -> Window:
     """The centre window of the grid: at most max_size per side, whole MS pixels, a multiple of ratio^2."""
     r = pair.ratio
     step = r * r  # the reference MS (window / r) must itself be divisible by r for Wald's degradation
@@ -171,7 +171,7 @@ def _window(grid: Grid, pair: Pair, max_size: int) -> Window:
     return Window(col, row, w, h)
 
 
-def _ms_scale_grid(pan_grid: Grid, ratio: int) -> Grid:
+def ms_scale_grid(pan_grid: Grid, ratio: int) -> Grid:
     """The grid of MS pixels covering `pan_grid` (ratio x ratio PAN pixels each)."""
     return Grid(
         pan_grid.crs, pan_grid.transform * Affine.scale(ratio), pan_grid.width // ratio, pan_grid.height // ratio
@@ -196,12 +196,12 @@ def _fill(ctx: JobContext, data: np.ndarray, valid: np.ndarray, what: str) -> np
     return out
 
 
-def _read_window(ctx: JobContext, pair: Pair, pan_grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def read_window(ctx: JobContext, pair: Pair, pan_grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """PAN on its own grid and MS on its native pixels (resampled only when its grid does not nest)."""
     full = Window(0, 0, pan_grid.width, pan_grid.height)
     with RasterSource(pair.pan, grid=pan_grid, what="PAN") as src:
         pan, pvalid = src.read(full)
-    ms_grid = _ms_scale_grid(pan_grid, pair.ratio)
+    ms_grid = ms_scale_grid(pan_grid, pair.ratio)
     with pair.ms_reader(ms_grid, Resampling.cubic) as src:
         ms, mvalid = src.read(Window(0, 0, ms_grid.width, ms_grid.height))
     return _fill(ctx, pan, pvalid, "PAN")[0], _fill(ctx, ms, mvalid, "MS")

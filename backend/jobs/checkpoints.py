@@ -1,0 +1,41 @@
+"""The frozen backbones' checkpoints as jobs see them: installed, allowed random, or a plain error."""
+
+from __future__ import annotations
+
+from backend import weights
+from backend.jobs.base import JobContext
+from backend.protocol import INVALID_INPUT, MISSING_WEIGHTS, JobError
+
+
+def backbone_checkpoint(backbone: str, allow_random: bool, ctx: JobContext) -> tuple[str | None, str | None]:
+    """(checkpoint path, its SHA-256) of an installed backbone; (None, None) for an allowed random init."""
+    entries = weights.load_registry()
+    entry = entries.get(backbone)
+    if entry is not None and weights.status(entry) == "installed":
+        return str(weights.model_path(entry)), weights.installed_sha256(entry)
+    if not allow_random:
+        if entry is None:
+            raise JobError(INVALID_INPUT, f"The {backbone} backbone has no official weights; it is for tests only.")
+        weights.require(backbone)  # raises MISSING_WEIGHTS with the exact command
+    ctx.warn(
+        f"The {backbone} weights are not installed: the frozen encoder is randomly initialised, so results will be "
+        "far below those of the published model."
+    )
+    return None, None
+
+
+def training_checkpoint(backbone: str, sha256: str | None, adapter: str) -> str | None:
+    """The installed checkpoint an adapter was trained on (None when it was trained on random weights).
+
+    Refuses a missing checkpoint, or one that is not the file the adapter was trained with.
+    """
+    if sha256 is None:
+        return None
+    path = weights.require(backbone)
+    if weights.installed_sha256(weights.get_entry(backbone)) != sha256:
+        raise JobError(
+            MISSING_WEIGHTS,
+            f"The installed {backbone} checkpoint is not the one the adapter '{adapter}' was trained with.",
+            "Install the original checkpoint again, or fine-tune a new adapter.",
+        )
+    return str(path)
