@@ -16,6 +16,11 @@ from rs_peft_qgis.backend_env import backend_root
 
 LAYER_KINDS = ("raster", "vector", "polygons", "layer")
 
+# Optional settings an analyst should see next to the inputs rather than under "Advanced": the method, the
+# sensor whose MTF and band layout the result depends on, and the scale ratio (auto unless the pixel sizes
+# do not give a whole number). Kept small on purpose: everything else has a default that rarely needs a look.
+PROMINENT = frozenset({"method", "sensor", "ratio"})
+
 
 @dataclass(frozen=True)
 class ParamInfo:
@@ -37,6 +42,11 @@ class ParamInfo:
     @property
     def is_layer(self) -> bool:
         return self.kind in LAYER_KINDS
+
+    @property
+    def prominent(self) -> bool:
+        """An optional setting shown with the inputs, not folded under "Advanced"."""
+        return self.name in PROMINENT
 
 
 @dataclass(frozen=True)

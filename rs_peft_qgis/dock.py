@@ -58,6 +58,24 @@ from rs_peft_qgis.worker_client import RpcError, load_protocol
 LOG_TAG = "RS PEFT"
 WORK_DIR = "rs_peft_work"  # exports and area-of-interest files, inside the output folder
 
+# Columns of the epoch table: a fine-tune's "epoch" log records decide which appear (the first record of a
+# job), in this order. Validation scores listed here are the headline ones; a record with none of them shows
+# its own val_* keys instead (readable labels), so that a new task's fine-tune needs no plugin change.
+EPOCH_LABELS = {
+    "epoch": "Epoch",
+    "stage": "Stage",
+    "loss": "Loss",
+    "val_f1": "Val F1",
+    "val_iou": "Val IoU",
+    "val_miou": "Val mIoU",
+    "val_q2n": "Val Q2n",
+    "val_sam": "Val SAM",
+    "val_ergas": "Val ERGAS",
+}
+EPOCH_BASE = ("epoch", "stage", "loss")
+MAX_EPOCH_SCORES = 4
+STAGES = {"prior": "stage 1 (local priors)", "adapter": "stage 2 (adapters)"}
+
 
 class AdapterListTask(QgsTask):
     """Read the adapter library from the worker (starting it if needed), off the GUI thread."""
@@ -116,6 +134,44 @@ def free_name(out_dir: Path, name: str) -> str:
     while taken(f"{name}_{i}"):
         i += 1
     return f"{name}_{i}"
+
+
+def epoch_label(key: str) -> str:
+    """'val_q2n' -> 'Val Q2n' (known keys), 'val_kappa_x' -> 'Val kappa x' (others)."""
+    words = key.replace("_", " ")
+    return EPOCH_LABELS.get(key, words[:1].upper() + words[1:])
+
+
+def epoch_columns(record: dict[str, Any]) -> list[str]:
+    """The epoch table's columns for a fine-tune whose first epoch record is `record`."""
+    scores = [k for k in EPOCH_LABELS if k.startswith("val_") and k in record]
+    if not scores:
+        scores = [k for k in record if k.startswith("val_")][:MAX_EPOCH_SCORES]
+    return ["epoch", *(k for k in EPOCH_BASE[1:] if k in record), *scores]
+
+
+def cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def training_summary(metrics: dict[str, Any]) -> str:
+    """' · best epoch 3 of stage 2 (adapters) · validation Q2n 0.900' (what a fine-tune ends with)."""
+    parts = []
+    if metrics.get("best_epoch"):
+        best = f"best epoch {metrics['best_epoch']}"
+        stage = metrics.get("best_stage")
+        if stage:
+            best += f" of {STAGES.get(stage, f'stage {stage}')}"
+        parts.append(best)
+    for key in epoch_columns(metrics):
+        value = metrics.get(key)
+        if key.startswith("val_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"validation {epoch_label(key).removeprefix('Val ')} {value:.3f}")
+    return "".join(f" · {part}" for part in parts)
 
 
 def metrics_text(metrics: dict[str, Any], limit: int = 5) -> str:
@@ -203,10 +259,10 @@ class RsPeftDock(QgsDockWidget):
         self.progress.setValue(0)
         self.stage = QLabel("", page)
         self.stage.setObjectName("stage")
-        self.epoch_table = QTableWidget(0, 4, page)
+        self.epoch_table = QTableWidget(0, 0, page)
         self.epoch_table.setObjectName("epochTable")
-        self.epoch_table.setHorizontalHeaderLabels(["Epoch", "Loss", "Val F1", "Val IoU"])
-        self.epoch_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.epoch_keys: list[str] = []
+        self.clear_epochs()
         self.epoch_table.verticalHeader().setVisible(False)
         self.epoch_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.epoch_table.setMaximumHeight(140)
@@ -456,7 +512,7 @@ class RsPeftDock(QgsDockWidget):
         task.logged.connect(self._on_log)
         self.current_task = task
         self._run = {"job": job, "form": form, **context}
-        self.epoch_table.setRowCount(0)
+        self.clear_epochs()
         self.progress.setValue(0)
         self.stage.setText("starting the backend…" if SESSION.running is None else "starting…")
         self.append_log(f"{job.title}: started.")
@@ -564,18 +620,40 @@ class RsPeftDock(QgsDockWidget):
         self.progress.setValue(round(100 * fraction))
         self.stage.setText(f"{stage} — {message}" if message else stage)
 
+    def clear_epochs(self) -> None:
+        """An empty epoch table for the next job (its first epoch record decides the columns)."""
+        self.epoch_table.setRowCount(0)
+        self._set_epoch_columns(["epoch", "loss"])
+
+    def _set_epoch_columns(self, keys: list[str]) -> None:
+        self.epoch_keys = list(keys)
+        self.epoch_table.setColumnCount(len(keys))
+        self.epoch_table.setHorizontalHeaderLabels([epoch_label(k) for k in keys])
+        # Up to four columns share the width; more would elide the numbers in a narrow panel: fit them instead.
+        header = self.epoch_table.horizontalHeader()
+        wide = len(keys) > 4
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents if wide else QHeaderView.ResizeMode.Stretch)
+        header.setStretchLastSection(True)
+
     def _on_log(self, level: str, message: str, data: Any) -> None:
         self.append_log(message, level)
         if level == "epoch" and isinstance(data, dict):
-            row = self.epoch_table.rowCount()
-            self.epoch_table.insertRow(row)
-            cells = (data.get("epoch"), data.get("loss"), data.get("val_f1"), data.get("val_iou"))
-            for col, value in enumerate(cells):
-                text = "" if value is None else (str(value) if isinstance(value, int) else f"{value:.4f}")
-                item = QTableWidgetItem(text)
-                item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                self.epoch_table.setItem(row, col, item)
-            self.epoch_table.scrollToBottom()
+            table = self.epoch_table
+            if table.rowCount() == 0:
+                self._set_epoch_columns(epoch_columns(data))  # the job's first record decides the columns
+            row = table.rowCount()
+            table.insertRow(row)
+            # Every score of the epoch (also those without a column) in the row's tooltip.
+            tip = "\n".join(f"{epoch_label(k)}: {cell_text(v)}" for k, v in data.items())
+            for col, key in enumerate(self.epoch_keys):
+                value = data.get(key)
+                item = QTableWidgetItem(cell_text(value))
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                align = Qt.AlignmentFlag.AlignRight if numeric else Qt.AlignmentFlag.AlignLeft
+                item.setTextAlignment(align | Qt.AlignmentFlag.AlignVCenter)
+                item.setToolTip(tip)
+                table.setItem(row, col, item)
+            table.scrollToBottom()
 
     def _job_done(self, task: JobTask) -> None:
         if task is not self.current_task:
@@ -651,13 +729,7 @@ class RsPeftDock(QgsDockWidget):
 
     def _trained(self, job: JobInfo, metrics: dict[str, Any]) -> None:
         name = metrics.get("adapter") or ""
-        scores = " · ".join(
-            f"validation {k.removeprefix('val_').upper()} {metrics[k]:.3f}"
-            for k in ("val_f1", "val_iou")
-            if isinstance(metrics.get(k), (int, float))
-        )
-        best = f" · best epoch {metrics['best_epoch']}" if metrics.get("best_epoch") else ""
-        text = f"Adapter '{name}' saved to the library{best}{' · ' + scores if scores else ''}."
+        text = f"Adapter '{name}' saved to the library{training_summary(metrics)}."
         self.append_log(text)
         apply = self.apply_job(job.task)
         if apply is not None and name:

@@ -10,12 +10,17 @@ import math
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qgis.core import (
     Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCsException,
     QgsMapLayer,
+    QgsPointXY,
     QgsProject,
     QgsRasterLayer,
     QgsUnitTypes,
@@ -67,6 +72,7 @@ INT_RANGES = {
     "rank": (1, 1024, 1),
     "patience": (0, 10_000, 1),
     "num_classes": (2, 1000, 1),
+    "ratio": (2, 64, 1),  # MS pixel / PAN pixel: 1 would mean nothing to sharpen
 }
 FLOAT_RANGES = {  # minimum, maximum, step, decimals
     "lr": (0.0, 1.0, 1e-5, 6),
@@ -77,6 +83,11 @@ FLOAT_RANGES = {  # minimum, maximum, step, decimals
     "simplify": (0.0, 1000.0, 0.5, 2),
 }
 AUTO = "auto"
+# A detected PAN/MS scale ratio must be this close (relative) to a whole number: the backend's rule
+# (backend/jobs/pansharpen_classic.py, RATIO_TOLERANCE), repeated here because the plugin cannot import it.
+RATIO_TOLERANCE = 0.02
+HINT_STYLE = "color: gray;"
+WARNING_STYLE = "color: #b35900;"
 
 
 class FormError(ValueError):
@@ -113,15 +124,100 @@ def raster_hint(layer: QgsMapLayer | None) -> str:
     provider = layer.dataProvider()
     if provider is None or not (provider.capabilities() & provider.Size) or provider.xSize() <= 0:
         return f"web layer · exported at the map's resolution · {where}"
-    res = layer.rasterUnitsPerPixelX()
-    if crs.mapUnits() == Qgis.DistanceUnit.Degrees:
-        # Degrees mean little to an analyst choosing tile sizes: add the pixel size on the ground.
-        metres = res * 111_320 * math.cos(math.radians(layer.extent().center().y()))
-        size = f"{res:.3g}° (≈{metres:.2g} m)"
-    else:
-        size = f"{res:.3g} {QgsUnitTypes.toAbbreviatedString(crs.mapUnits())}".strip()
+    size = pixel_size_text(layer.rasterUnitsPerPixelX(), crs, layer.extent().center().y(), "{:.3g}")
     bands = layer.bandCount()
     return f"{bands} band{'s' if bands != 1 else ''} · {size} · {where}"
+
+
+def pixel_size_text(size: float, crs: QgsCoordinateReferenceSystem, latitude: float, number: str = "{:.2f}") -> str:
+    """'0.50 m'; in a geographic CRS '4.5e-06° (≈0.5 m)' (degrees mean little to an analyst)."""
+    if crs.mapUnits() == Qgis.DistanceUnit.Degrees:
+        metres = size * 111_320 * math.cos(math.radians(latitude))
+        return f"{size:.3g}° (≈{metres:.2g} m)"
+    return f"{number.format(size)} {QgsUnitTypes.toAbbreviatedString(crs.mapUnits())}".strip()
+
+
+def has_pixel_grid(layer: QgsMapLayer | None) -> bool:
+    """A valid raster with a pixel grid of its own (web layers are rendered at the map's resolution instead)."""
+    if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+        return False
+    provider = layer.dataProvider()
+    return bool(provider is not None and provider.capabilities() & provider.Size and provider.xSize() > 0)
+
+
+@dataclass(frozen=True)
+class RatioCheck:
+    """What a PAN and an MS layer say about their scale ratio: the whole ratio found (or None), in words."""
+
+    ratio: int | None
+    text: str
+    warning: bool
+    estimate: float | None = None  # sqrt(MS pixel area / PAN pixel area), before rounding
+
+
+def _ms_pixel_area(ms: QgsRasterLayer, crs: QgsCoordinateReferenceSystem) -> float:
+    """Area of the MS centre pixel in the units of `crs`: a corner and its two edges, transformed."""
+    centre, dx, dy = ms.extent().center(), ms.rasterUnitsPerPixelX(), ms.rasterUnitsPerPixelY()
+    points = [QgsPointXY(centre.x() + ox, centre.y() + oy) for ox, oy in ((0, 0), (dx, 0), (0, -dy))]
+    if ms.crs() != crs:
+        transform = QgsCoordinateTransform(ms.crs(), crs, QgsProject.instance())
+        points = [transform.transform(pt) for pt in points]
+    (x0, y0), (x1, y1), (x2, y2) = ((pt.x(), pt.y()) for pt in points)
+    return abs((x1 - x0) * (y2 - y0) - (y1 - y0) * (x2 - x0))
+
+
+def check_ratio(pan: QgsMapLayer | None, ms: QgsMapLayer | None, given: int | None = None) -> RatioCheck:
+    """The PAN/MS scale ratio as the backend will find it, and what the analyst should know about the pair.
+
+    Mirrors the backend's rule: estimate = sqrt(MS pixel area / PAN pixel area) in the PAN's CRS (in pixel
+    space, for rasters without CRS: the PAN/MS size ratio), accepted when within 2 % of a whole number >= 2.
+    """
+    if not (has_pixel_grid(pan) and has_pixel_grid(ms)):
+        return RatioCheck(None, "", False)  # nothing chosen yet, or a web layer (exported at the map's resolution)
+    notes = []
+    if pan.bandCount() > 1:
+        notes.append(f"The PAN layer has {pan.bandCount()} bands: choose the single-band panchromatic raster.")
+    if pan.crs().isValid() != ms.crs().isValid():
+        missing = "PAN" if not pan.crs().isValid() else "MS"
+        notes.append(f"The {missing} layer has no CRS but the other one has: assign one to it first.")
+        return RatioCheck(None, "\n".join(notes), True)
+    if pan.crs().isValid():
+        pan_area = pan.rasterUnitsPerPixelX() * pan.rasterUnitsPerPixelY()
+        try:
+            ms_area = _ms_pixel_area(ms, pan.crs())
+        except QgsCsException:
+            ms_area = math.nan
+        if not (pan_area > 0 and math.isfinite(ms_area) and ms_area > 0):
+            notes.append("The MS pixel size cannot be compared with the PAN's: do the two layers cover one area?")
+            return RatioCheck(None, "\n".join(notes), True)
+        estimate = math.sqrt(ms_area / pan_area)
+        latitude = pan.extent().center().y()
+        pan_size = pixel_size_text(math.sqrt(pan_area), pan.crs(), latitude)
+        sizes = f"PAN {pan_size}, MS {pixel_size_text(math.sqrt(ms_area), pan.crs(), latitude)}"
+    else:  # pixel space: both rasters are taken to cover the same area, as the backend does
+        estimate = math.sqrt(pan.width() * pan.height() / (ms.width() * ms.height()))
+        sizes = f"no CRS: PAN {pan.width()}×{pan.height()} px, MS {ms.width()}×{ms.height()} px"
+    nearest = round(estimate)
+    whole = nearest >= 1 and abs(estimate - nearest) <= RATIO_TOLERANCE * estimate
+    # "2.0 × … not a whole ratio" would read as a contradiction: one more decimal where one rounds to whole.
+    times = f"{estimate:.1f}" if round(estimate, 1) != nearest else f"{estimate:.2f}"
+    found = nearest if whole and nearest >= 2 else None
+    if found is not None:
+        text = f"Detected ratio: {found} ({sizes})"
+        notes.append(text if given in (None, found) else f"{text}; the ratio you set ({given}) is used.")
+    elif given is not None:
+        notes.append(f"MS pixel is {times} × the PAN pixel ({sizes}); the ratio you set ({given}) is used.")
+    elif estimate < 1 / (1 + RATIO_TOLERANCE):
+        notes.append(f"The MS pixel is smaller than the PAN pixel ({sizes}): are PAN and MS swapped?")
+    elif whole:
+        notes.append(
+            f"MS and PAN have the same pixel size ({sizes}): the ratio cannot be detected — set the original one "
+            "(e.g. 4)."
+        )
+    else:
+        notes.append(f"MS pixel is {times} × the PAN pixel ({sizes}): not a whole ratio — set it.")
+    warning = len(notes) > 1 or (found is None and given is None)
+    return RatioCheck(found, "\n".join(notes), warning, estimate)
 
 
 def shrinkable(combo: QComboBox) -> QComboBox:
@@ -145,7 +241,7 @@ class LayerPicker(QWidget):
             self.combo.setLayer(None)
         self.hint = QLabel(self)
         self.hint.setObjectName(f"hint_{param.name}")
-        self.hint.setStyleSheet("color: gray;")
+        self.hint.setStyleSheet(HINT_STYLE)
         self.hint.setWordWrap(True)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -320,7 +416,8 @@ def _number_widget(param: ParamInfo) -> QWidget:
 
 
 class JobForm(QWidget):
-    """The parameter form of one job: required parameters (and layers) first, the rest under "Advanced"."""
+    """The parameter form of one job: required parameters first, then the other inputs and the few prominent
+    settings (method, sensor, ratio); the rest under "Advanced"."""
 
     def __init__(self, job: JobInfo, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -346,10 +443,11 @@ class JobForm(QWidget):
             label = QLabel(param.label, self)
             label.setToolTip(param.help)
             self.labels[param.name] = label
-            in_main = param.required or param.is_layer or param.kind == "field" or param.name == "aoi"
-            (main if in_main else advanced).addRow(label, widget)
+            (main if self.on_main_form(param) else advanced).addRow(label, widget)
+        self.ratio_hint = self._add_ratio_hint(main, advanced)
         self._bind_fields()
         self._spread_rasters()
+        self.update_ratio_hint()
         # A combo that had no layer takes the first one added: keep before/after on different layers.
         QgsProject.instance().layersAdded.connect(self._layers_added)
         layout = QVBoxLayout(self)
@@ -363,6 +461,43 @@ class JobForm(QWidget):
         layout.addStretch(1)
 
     # --- building -------------------------------------------------------------------------------
+    @staticmethod
+    def on_main_form(p: ParamInfo) -> bool:
+        """Inputs, what must be filled in and the few prominent settings (sensor…); the rest is "Advanced"."""
+        return p.required or p.is_layer or p.kind == "field" or p.name == "aoi" or p.prominent
+
+    def _add_ratio_hint(self, main: QFormLayout, advanced: QFormLayout) -> QLabel | None:
+        """With a PAN and an MS picker: a line under the ratio (or the MS) saying which ratio the pair gives."""
+        pan, ms = self.widgets.get("pan"), self.widgets.get("ms")
+        if not (isinstance(pan, LayerPicker) and isinstance(ms, LayerPicker)):
+            return None
+        hint = QLabel(self)
+        hint.setObjectName("ratioHint")
+        hint.setWordWrap(True)
+        anchor = self.widgets.get("ratio", ms)
+        layout = advanced if self.advanced.isAncestorOf(anchor) else main
+        row, _role = layout.getWidgetPosition(anchor)
+        layout.insertRow(row + 1, hint)
+        pan.combo.layerChanged.connect(self.update_ratio_hint)
+        ms.combo.layerChanged.connect(self.update_ratio_hint)
+        ratio = self.widgets.get("ratio")
+        if isinstance(ratio, (QgsSpinBox, QgsDoubleSpinBox)):
+            ratio.valueChanged.connect(self.update_ratio_hint)
+        return hint
+
+    def ratio_check(self) -> RatioCheck:
+        """The scale ratio the chosen PAN and MS layers give (and the ratio set, if any), in words."""
+        given = self.value("ratio") if "ratio" in self.widgets else None
+        return check_ratio(self.value("pan"), self.value("ms"), int(given) if given is not None else None)
+
+    def update_ratio_hint(self, *_: Any) -> None:
+        if self.ratio_hint is None:
+            return
+        check = self.ratio_check()
+        self.ratio_hint.setText(check.text)
+        self.ratio_hint.setStyleSheet(WARNING_STYLE if check.warning else HINT_STYLE)
+        self.ratio_hint.setVisible(bool(check.text))
+
     def _make_widget(self, p: ParamInfo) -> QWidget:
         if p.name == "aoi":
             return AoiChooser(self)

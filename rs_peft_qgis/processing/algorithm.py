@@ -99,8 +99,8 @@ class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
 
 def is_advanced(p: ParamInfo) -> bool:
     """Secondary settings fold under "Advanced parameters": optional plain values (layers, fields of a
-    layer and the output folder stay in view)."""
-    return not p.required and not p.is_layer and p.kind not in ("folder", "field")
+    layer, the output folder and the few prominent settings such as the sensor stay in view)."""
+    return not p.required and not p.is_layer and p.kind not in ("folder", "field") and not p.prominent
 
 
 def make_parameter(p: ParamInfo) -> QgsProcessingParameterDefinition:

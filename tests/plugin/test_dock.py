@@ -147,7 +147,8 @@ def test_every_catalog_job_gets_a_form_with_the_right_widget_per_kind(dock) -> N
             else:
                 assert isinstance(widget, expected[p.kind]), (name, p.name, type(widget))
             in_advanced = form.advanced.isAncestorOf(widget)
-            assert in_advanced == (not p.required and not p.is_layer and p.kind != "field" and p.name != "aoi")
+            on_main = p.required or p.is_layer or p.kind == "field" or p.name == "aoi" or p.prominent
+            assert in_advanced == (not on_main), (name, p.name)
             if p.kind in ("int", "float") and not p.choices:
                 assert form.value(p.name) == p.default, (name, p.name)
                 if p.default is None:

@@ -134,8 +134,8 @@ def test_an_algorithm_for_every_catalog_job_with_matching_parameters(provider) -
             optional = bool(d.flags() & Qgis.ProcessingParameterFlag.Optional)
             assert optional == (not p.required), f"{job.name}: {p.name}"
             assert bool(d.flags() & advanced) == (
-                not p.required and not p.is_layer and p.kind not in ("folder", "field")
-            )
+                not p.required and not p.is_layer and p.kind not in ("folder", "field") and not p.prominent
+            ), f"{job.name}: {p.name}"
             assert p.help in alg.shortHelpString() and p.help in d.help()
             if p.choices:
                 assert d.options() == [str(c) for c in p.choices] and d.usesStaticStrings()
@@ -159,6 +159,11 @@ def test_an_algorithm_for_every_catalog_job_with_matching_parameters(provider) -
         assert outputs[METRICS] == "outputString"
         assert (OUTPUT_FOLDER in outputs) == any(p.kind == "folder" for p in job.params)
         assert (ADAPTER in outputs) == job.trains
+    # The sensor, method and ratio of pansharpening stay in view; tiling settings fold away.
+    alg = QgsApplication.processingRegistry().createAlgorithmById("rs_peft:pansharpen_classic")
+    for name in ("sensor", "method", "ratio"):
+        assert not alg.parameterDefinition(name).flags() & advanced, name
+    assert alg.parameterDefinition("tile_size").flags() & advanced
 
 
 def test_the_device_default_follows_the_plugin_settings(provider) -> None:
