@@ -167,6 +167,9 @@ class RasterSource:
         self.nodata = self.ds.nodata
         self._vrt: WarpedVRT | None = None
         self._offset = _aligned(self.native, self.grid) if grid is not None and pixel_scale is None else (0, 0)
+        # Without a nodata value the warper would mark pixels outside the footprint valid; an alpha band keeps
+        # that information (a raster's own alpha band, e.g. a 4-band 8-bit GeoTIFF tagged RGBA, already does).
+        add_alpha = self.ds.nodata is None and ColorInterp.alpha not in self.ds.colorinterp
         if pixel_scale is not None:
             # One made-up CRS on both sides lets GDAL's warper resample by the pixel scale alone.
             self._vrt = WarpedVRT(
@@ -178,11 +181,9 @@ class RasterSource:
                 width=self.grid.width,
                 height=self.grid.height,
                 resampling=resampling,
-                add_alpha=self.ds.nodata is None,
+                add_alpha=add_alpha,
             )
         elif self._offset is None:
-            # Without a nodata value the warper would mark pixels outside the footprint valid;
-            # an alpha band keeps that information.
             self._vrt = WarpedVRT(
                 self.ds,
                 crs=self.grid.crs,
@@ -190,7 +191,7 @@ class RasterSource:
                 width=self.grid.width,
                 height=self.grid.height,
                 resampling=resampling,
-                add_alpha=self.ds.nodata is None,
+                add_alpha=add_alpha,
             )
 
     @property

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import levir
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.warp import calculate_default_transform, reproject
 from rasterio.windows import Window
 
@@ -70,6 +70,27 @@ def test_pixels_outside_the_second_footprint_are_invalid(tmp_path) -> None:
     with RasterSource(tmp_path / "part.tif", grid=ref_grid, resampling=Resampling.nearest) as part:
         _, valid = part.read(Window(0, 0, 1024, 1024))
     assert valid[:300, :400].all() and not valid[300:].any() and not valid[:, 400:].any()
+
+
+def test_an_rgba_raster_warps_with_its_own_alpha_as_the_mask(tmp_path) -> None:
+    """A 4-band 8-bit GeoTIFF is tagged RGBA by GDAL's defaults: warping it must not add a second alpha band."""
+    before, _, _ = levir("test_1")
+    rgba = tmp_path / "rgba.tif"
+    with rasterio.open(before) as src:
+        data, profile, ref_grid = src.read(), src.profile, Grid.of(src)
+    alpha = np.full(data.shape[1:], 255, np.uint8)
+    alpha[:, :100] = 0  # transparent left strip
+    profile = {k: v for k, v in profile.items() if k != "photometric"} | {"count": 4}
+    with rasterio.open(rgba, "w", **profile) as dst:  # GDAL's defaults for 4 bands of bytes
+        dst.write(np.concatenate([data, alpha[None]]))
+    with rasterio.open(rgba) as ds:
+        assert ds.colorinterp[3] == ColorInterp.alpha
+    shifted = Grid(ref_grid.crs, ref_grid.transform * rasterio.Affine.translation(0.5, 0.5), 512, 512)
+    with RasterSource(rgba, grid=shifted) as src:
+        assert src.bands == [1, 2, 3] and src._vrt is not None  # alpha is the mask, not data; warped (half a pixel)
+        values, valid = src.read(Window(0, 0, 512, 512))
+    assert not valid[:, :99].any() and valid[:, 101:].all()
+    assert abs(float(values[:, :, 101:].mean()) - float(data[:, :512, 102:513].mean())) < 2
 
 
 def test_overlap_grid_is_the_common_part_on_the_reference_grid(tmp_path) -> None:
