@@ -105,6 +105,7 @@ demo: setup
 
 bench: setup
 	$(VB)/bin/python -m bench.raster_memory
+	$(VB)/bin/python -m bench.pansharpen
 
 package:
 	rm -rf build/package dist && mkdir -p build/package/rs_peft_qgis dist
