@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 import backend
 
@@ -66,3 +69,26 @@ def resolve_device(requested: str) -> str:
     if requested != "cpu" and not requested.startswith("cuda"):
         raise JobError(INVALID_INPUT, f"Unknown device '{requested}'.", "Use auto, cpu, cuda or cuda:N.")
     return requested
+
+
+TilePredictor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (batch, valid) -> predictions, as the tiler calls
+
+
+def halve_batch_on_oom(predict: TilePredictor) -> TilePredictor:
+    """On CUDA out-of-memory, free the cache and predict each half of the batch (down to single tiles).
+
+    A batch size that fits one GPU may not fit a smaller one; halving keeps the job running instead of failing.
+    """
+    import torch  # the worker answers `initialize` before torch is needed
+
+    def run(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        try:
+            return predict(batch, valid)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            return np.concatenate([run(batch[:half], valid[:half]), run(batch[half:], valid[half:])])
+
+    return run

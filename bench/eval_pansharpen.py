@@ -150,11 +150,13 @@ def fit_patch(half: Half, ratio: int, val_fraction: float = 0.2) -> int:
     The job learns at reduced resolution, where the half's PAN is as large as its MS; it keeps a strip of
     `val_fraction` of the longer side, of whole ratios and at least one patch, for validation.
     """
+    from backend.training.pansharpen import validation_size
+
     short, long = sorted((half.r1 - half.r0, half.c1 - half.c0))
     for patch in (64, 48, 32, 16):
         if patch % ratio:
             continue
-        val = max(round(long * val_fraction / ratio) * ratio, -(-patch // ratio) * ratio)
+        val = validation_size(long, val_fraction, ratio, patch)
         if short >= patch and long - val >= patch:
             return patch
     raise ValueError(f"A training half of {short} x {long} MS pixels is too small for PanAdapter's patches.")

@@ -21,7 +21,7 @@ from backend.methods.filf import BACKBONES, FILF, build_filf
 from backend.models.backbones.loading import CheckpointMismatch, read_checkpoint
 from backend.models.peft.freeze import count_parameters
 from backend.protocol import INVALID_INPUT, JobError, JobResult
-from backend.runtime import resolve_device
+from backend.runtime import halve_batch_on_oom, resolve_device
 from backend.training.change_data import TrainingArea, load_training_area
 from backend.training.trainer import TrainConfig, fit_change
 
@@ -246,18 +246,12 @@ def detect(ctx: JobContext, p: dict[str, Any]) -> JobResult:
 
     read_pair = pair_reader(before, after, grid, aoi)
 
+    @halve_batch_on_oom
     @torch.no_grad()
     def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(device)
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(norm(x[:, :nb]), norm(x[:, nb:]))
-        except torch.cuda.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            torch.cuda.empty_cache()  # halve the batch and retry
-            half = len(batch) // 2
-            return np.concatenate([predict(batch[:half], valid[:half]), predict(batch[half:], valid[half:])])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(norm(x[:, :nb]), norm(x[:, nb:]))
         return torch.sigmoid(logits[:, 1:2].float()).cpu().numpy()
 
     with (

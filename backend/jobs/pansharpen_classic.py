@@ -67,8 +67,10 @@ RATIO = Param(
     "ratio", int, "MS pixel size / PAN pixel size (2, 4 …); auto = detected from the two grids.", default=None
 )
 
+PAN = Param("pan", str, "Panchromatic raster (one band); its grid is the output grid.", required=True, kind="raster")
+
 PARAMS = (
-    Param("pan", str, "Panchromatic raster (one band); its grid is the output grid.", required=True, kind="raster"),
+    PAN,
     Param(
         "ms",
         str,

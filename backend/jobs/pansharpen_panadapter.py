@@ -33,6 +33,7 @@ from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
 from backend.jobs.checkpoints import backbone_checkpoint, training_checkpoint
 from backend.jobs.pansharpen_classic import (
     DECLARED,
+    PAN,
     RATIO,
     SENSOR,
     Pair,
@@ -48,7 +49,7 @@ from backend.methods.panadapter import PanAdapter, build_panadapter
 from backend.methods.pansharpening_classic import upsample
 from backend.models.backbones.loading import CheckpointMismatch, read_checkpoint
 from backend.protocol import INVALID_INPUT, JobError, JobResult, Output
-from backend.runtime import resolve_device
+from backend.runtime import halve_batch_on_oom, resolve_device
 from backend.training.pansharpen import PanTrainConfig, Scales, fit_panadapter, reduced_resolution_set, split
 
 METHOD = "panadapter"
@@ -237,7 +238,7 @@ def finetune(ctx: JobContext, p: dict[str, Any]) -> JobResult:
 # --- pansharpen.apply ---------------------------------------------------------------------------------------
 
 APPLY_PARAMS = (
-    Param("pan", str, "Panchromatic raster (one band); its grid is the output grid.", required=True, kind="raster"),
+    PAN,
     Param(
         "ms",
         str,
@@ -364,17 +365,11 @@ def apply(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         stack = np.concatenate([ms_up / ms_scale, pan / pan_scale]).astype(np.float32)
         return stack, valid
 
+    @halve_batch_on_oom
     def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(batch).to(device)
-        try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(x[:, :nb], x[:, nb:])
-        except torch.cuda.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            torch.cuda.empty_cache()  # halve the batch and retry
-            half = len(batch) // 2
-            return np.concatenate([predict(batch[:half], valid[:half]), predict(batch[half:], valid[half:])])
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(x[:, :nb], x[:, nb:])
         return out.float().cpu().numpy() * ms_scale
 
     nodata = output_nodata(pair)

@@ -84,13 +84,17 @@ def reduced_resolution_set(pan: np.ndarray, ms: np.ndarray, ratio: int, sensor: 
     )
 
 
+def validation_size(length: int, val_fraction: float, unit: int, patch: int) -> int:
+    """Pixels of the validation strip across a side of `length`: whole `unit`s, at least one patch."""
+    return max(round(length * val_fraction / unit) * unit, math.ceil(patch / unit) * unit)
+
+
 def split(data: RRSet, val_fraction: float, unit: int, patch: int) -> tuple[RRSet, RRSet]:
     """A strip along the longer side for validation (whole `unit`s), the rest for training; both hold a patch."""
     h, w = data.shape
     along_rows = h >= w
     length = h if along_rows else w
-    val = round(length * val_fraction / unit) * unit
-    val = max(val, math.ceil(patch / unit) * unit)
+    val = validation_size(length, val_fraction, unit, patch)
     if length - val < patch:
         raise ValueError(
             f"The training area ({w} x {h} pixels at reduced resolution) is too small to keep a validation strip "
