@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     logging.getLogger("backend").addHandler(logging.NullHandler())  # messages are printed by the demo itself
     logging.getLogger("backend").propagate = False
-    from rs_peft_qgis.worker_client import WorkerClient
+    from backend.client import WorkerClient
 
     out_dir = Path(args.out_dir).resolve()
     # The demo's adapter goes to a library inside demo_out, not the user's own library.

@@ -29,7 +29,10 @@ from typing import IO
 
 from rs_peft_qgis import backend_env
 
-MARKER_NAME = ".rs_peft_ok"
+# backend_env knows what a finished install looks like (it looks for the venv); the installer makes one.
+# Re-exported: callers know them as installer.is_installed etc.
+from rs_peft_qgis.backend_env import MARKER_NAME, is_installed, venv_python
+
 MIN_PYTHON = (3, 11)
 # 3.11 first: the pinned backend requirements are proven on it (CI and the Debian QGIS machines).
 BASE_PYTHON_NAMES = ("python3.11", "python3.12", "python3.13", "python3")
@@ -218,17 +221,6 @@ def find_base_python() -> str | None:
     return None
 
 
-def venv_python(venv: Path, *, windows: bool | None = None) -> Path:
-    """The interpreter inside a venv."""
-    windows = sys.platform == "win32" if windows is None else windows
-    return venv / "Scripts" / "python.exe" if windows else venv / "bin" / "python"
-
-
-def is_installed(venv: Path) -> bool:
-    """Whether an installer run finished in this venv (a failed or cancelled one leaves no marker)."""
-    return (venv / MARKER_NAME).is_file() and venv_python(venv).is_file()
-
-
 def requirements_dir() -> Path:
     """requirements/ next to backend/ (the repository root in a checkout, the plugin folder when packaged)."""
     return backend_env.backend_root() / "requirements"
@@ -245,7 +237,7 @@ def read_torch_spec(path: Path | None = None) -> str:
 
 
 def _default_venv() -> Path:
-    return backend_env.USER_DATA_DIR / "venv"
+    return backend_env.default_venv()
 
 
 def _default_log() -> Path:

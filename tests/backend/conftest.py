@@ -13,7 +13,7 @@ DATA = ROOT / "tests" / "data"
 LEVIR = DATA / "levir_cd"
 sys.path.insert(0, str(ROOT))
 
-from rs_peft_qgis.worker_client import WorkerClient  # noqa: E402
+from backend.client import WorkerClient  # noqa: E402
 
 
 def levir(name: str) -> tuple[Path, Path, Path]:

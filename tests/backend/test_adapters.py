@@ -13,8 +13,8 @@ from conftest import ROOT
 
 from backend import adapters
 from backend.adapters import AdapterMeta
+from backend.client import RpcError, WorkerClient
 from backend.protocol import JobError
-from rs_peft_qgis.worker_client import RpcError, WorkerClient
 
 
 @pytest.fixture(autouse=True)

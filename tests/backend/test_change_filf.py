@@ -18,10 +18,10 @@ from conftest import ROOT, levir
 from test_raster_io import reproject_file
 
 from backend import adapters
+from backend.client import WorkerClient
 from backend.jobs import JOBS
 from backend.jobs.base import JobContext, run_job
 from backend.protocol import JobError
-from rs_peft_qgis.worker_client import WorkerClient
 
 FAST = {
     "backbone": "tiny_vit_tiny",

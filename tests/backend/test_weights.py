@@ -16,9 +16,9 @@ import torch
 from conftest import ROOT
 
 from backend import weights
+from backend.client import RpcError, WorkerClient
 from backend.models.backbones import sam_vit
 from backend.protocol import MISSING_WEIGHTS, JobError
-from rs_peft_qgis.worker_client import RpcError, WorkerClient
 
 
 class FileServer(ThreadingHTTPServer):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, levir
 
-from rs_peft_qgis.worker_client import RpcError, WorkerClient
+from backend.client import RpcError, WorkerClient
 
 
 def slow_cva_params(out_dir: Path) -> dict:
