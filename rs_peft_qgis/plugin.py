@@ -6,48 +6,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsSettings, QgsTask
+from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsSettings
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
 from rs_peft_qgis.backend_env import backend_root
+from rs_peft_qgis.dialogs.diagnostics_dialog import DiagnosticsDialog
+from rs_peft_qgis.dialogs.installer_dialog import InstallerDialog
+from rs_peft_qgis.dialogs.settings_dialog import SettingsDialog
+from rs_peft_qgis.dock import RsPeftDock
+from rs_peft_qgis.processing.provider import RsPeftProvider
 from rs_peft_qgis.session import SESSION
-from rs_peft_qgis.worker_client import RpcError
+from rs_peft_qgis.tasks import CallbackTask
 
 MENU = "&RS PEFT"
 LOG_TAG = "RS PEFT"
 DOCK_VISIBLE_KEY = "rs_peft_qgis/dock_visible"
-
-
-class DiagnosticsTask(QgsTask):
-    """Start (or reuse) the shared worker and read its versions and devices, off the GUI thread
-    (the fallback of the diagnostics action when the Diagnostics dialog is not installed)."""
-
-    def __init__(self, plugin: RsPeftPlugin) -> None:
-        super().__init__("RS PEFT: backend diagnostics", QgsTask.Flag.CanCancel)
-        self.plugin = plugin
-        self.info: dict | None = None
-        self.error = ""
-
-    def run(self) -> bool:
-        try:
-            self.info = SESSION.client().info
-        except (RpcError, OSError) as exc:
-            self.error = str(exc)
-            return False
-        return True
-
-    def finished(self, ok: bool) -> None:
-        bar = self.plugin.iface.messageBar()
-        self.plugin.diagnostics = self.info if ok else {"error": self.error}
-        if ok and self.info:
-            QgsMessageLog.logMessage(json.dumps(self.info, indent=2), LOG_TAG, Qgis.MessageLevel.Info)
-            devices = ", ".join(d["name"] for d in self.info["devices"])
-            text = f"Backend {self.info['backend_version']} ready on {devices}."
-            bar.pushMessage(LOG_TAG, text, Qgis.MessageLevel.Success, 8)
-        else:
-            bar.pushMessage(LOG_TAG, f"The backend could not start: {self.error}", Qgis.MessageLevel.Critical, 0)
 
 
 class RsPeftPlugin:
@@ -55,9 +30,9 @@ class RsPeftPlugin:
         self.iface = iface
         self.actions: list[QAction] = []
         self.panel_action: QAction | None = None
-        self.dock = None  # RsPeftDock, built in initGui
-        self.provider = None  # RsPeftProvider once registered
-        self._task: DiagnosticsTask | None = None
+        self.dock: RsPeftDock | None = None  # built in initGui
+        self.provider: RsPeftProvider | None = None  # once registered
+        self._task: CallbackTask | None = None
         self._dialogs: list[Any] = []  # non-modal dialogs kept alive while open
         self.diagnostics: dict | None = None  # the last diagnostics answer (or {"error": ...})
 
@@ -66,14 +41,10 @@ class RsPeftPlugin:
         """Register the "RS PEFT" Processing provider (an algorithm for every backend job)."""
         if self.provider is not None:
             return  # QGIS calls it for processing plugins, initGui calls it too: register once
-        from rs_peft_qgis.processing.provider import RsPeftProvider
-
         self.provider = RsPeftProvider()
         QgsApplication.processingRegistry().addProvider(self.provider)
 
     def initGui(self) -> None:
-        from rs_peft_qgis.dock import RsPeftDock
-
         self.initProcessing()
         main = self.iface.mainWindow()
         icon = QIcon(str(backend_root() / "resources" / "icons" / "rs_peft.svg"))
@@ -130,27 +101,32 @@ class RsPeftPlugin:
         dialog.raise_()
 
     def show_settings(self) -> None:
-        from rs_peft_qgis.dialogs import SettingsDialog
-
         if SettingsDialog(self.iface.mainWindow()).exec() and self.dock is not None:
             self.dock.apply_settings()
 
     def show_diagnostics(self) -> None:
-        """The Diagnostics dialog (it queries the worker in a QgsTask); the message-bar check without it."""
-        try:
-            from rs_peft_qgis.dialogs import DiagnosticsDialog
-        except ImportError:
-            self.run_diagnostics()
-            return
+        """The Diagnostics dialog (it queries the worker in a QgsTask)."""
         self._open(DiagnosticsDialog(self.iface.mainWindow()))
 
     def show_installer(self) -> None:
-        from rs_peft_qgis.dialogs import InstallerDialog
-
         self._open(InstallerDialog(self.iface.mainWindow()))
 
     def run_diagnostics(self) -> None:
         """Start the worker in a QgsTask and report its versions and devices in the message bar."""
         self.diagnostics = None
-        self._task = DiagnosticsTask(self)
+        self._task = CallbackTask("RS PEFT: backend diagnostics", lambda task: SESSION.client().info)
+        self._task.done.connect(self._diagnosed)
         QgsApplication.taskManager().addTask(self._task)
+
+    def _diagnosed(self, task: CallbackTask) -> None:
+        self._task = None
+        bar = self.iface.messageBar()
+        info = task.result if not task.error else None
+        self.diagnostics = info if info is not None else {"error": task.error}
+        if info:
+            QgsMessageLog.logMessage(json.dumps(info, indent=2), LOG_TAG, Qgis.MessageLevel.Info)
+            devices = ", ".join(d["name"] for d in info["devices"])
+            text = f"Backend {info['backend_version']} ready on {devices}."
+            bar.pushMessage(LOG_TAG, text, Qgis.MessageLevel.Success, 8)
+        else:
+            bar.pushMessage(LOG_TAG, f"The backend could not start: {task.error}", Qgis.MessageLevel.Critical, 0)

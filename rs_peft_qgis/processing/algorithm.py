@@ -18,7 +18,6 @@ from typing import Any
 from qgis.core import (
     Qgis,
     QgsMapLayer,
-    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
@@ -30,17 +29,7 @@ from qgis.core import (
     QgsProcessingOutputRasterLayer,
     QgsProcessingOutputString,
     QgsProcessingOutputVectorLayer,
-    QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
-    QgsProcessingParameterFeatureSource,
-    QgsProcessingParameterField,
-    QgsProcessingParameterFolderDestination,
-    QgsProcessingParameterMapLayer,
-    QgsProcessingParameterNumber,
-    QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
-    QgsProcessingParameterVectorLayer,
     QgsProcessingUtils,
     QgsRasterLayer,
     QgsWkbTypes,
@@ -51,28 +40,15 @@ from qgis.PyQt.QtGui import QIcon
 from rs_peft_qgis.backend_env import backend_root
 from rs_peft_qgis.catalog import JobInfo, ParamInfo
 from rs_peft_qgis.layers import LayerError, export_vector, file_source, job_input, safe_name, styles_dir
+from rs_peft_qgis.processing.parameters import ANY_GEOMETRY, METRICS, make_parameter, short_help
 from rs_peft_qgis.session import SESSION
-from rs_peft_qgis.settings import Settings
 from rs_peft_qgis.worker_client import RpcError
 
 OUTPUT_FOLDER = "OUTPUT_FOLDER"
-METRICS = "METRICS"
 ADAPTER = "ADAPTER"
 POLL_S = 0.2
 CANCELLED_TEXT = "The job was cancelled. No output was written."
-ADAPTER_HELP = (
-    "The adapters in the library are listed in the RS PEFT panel's adapter picker, or in a terminal "
-    "(in the plugin folder) with `<backend python> -m backend adapters list`."
-)
 
-# QGIS >= 3.36 has scoped enums; the old names disappear in QGIS 4 (Qt6), the new ones are missing in 3.34.
-_SCOPED = hasattr(Qgis, "ProcessingParameterFlag")
-ADVANCED = Qgis.ProcessingParameterFlag.Advanced if _SCOPED else QgsProcessingParameterDefinition.FlagAdvanced
-POLYGONS = Qgis.ProcessingSourceType.VectorPolygon if _SCOPED else QgsProcessing.TypeVectorPolygon
-ANY_GEOMETRY = Qgis.ProcessingSourceType.VectorAnyGeometry if _SCOPED else QgsProcessing.TypeVectorAnyGeometry
-INTEGER = Qgis.ProcessingNumberParameterType.Integer if _SCOPED else QgsProcessingParameterNumber.Integer
-DOUBLE = Qgis.ProcessingNumberParameterType.Double if _SCOPED else QgsProcessingParameterNumber.Double
-ANY_FIELD = Qgis.ProcessingFieldParameterDataType.Any if _SCOPED else QgsProcessingParameterField.Any
 _RASTER_CAPS = getattr(Qgis, "RasterInterfaceCapability", None)  # 3.38+
 
 # Python-made post-processors must outlive the algorithm run: the context owns the C++ side and calls it
@@ -95,79 +71,6 @@ class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
         if not ok and feedback is not None:
             feedback.pushWarning(f"The style {self.qml.name} could not be applied: {message}")
         layer.triggerRepaint()
-
-
-def is_advanced(p: ParamInfo) -> bool:
-    """Secondary settings fold under "Advanced parameters": optional plain values (layers, fields of a
-    layer, the output folder and the few prominent settings such as the sensor stay in view)."""
-    return not p.required and not p.is_layer and p.kind not in ("folder", "field") and not p.prominent
-
-
-def make_parameter(p: ParamInfo) -> QgsProcessingParameterDefinition:
-    """The Processing parameter for a catalog parameter, named exactly as the backend names it."""
-    optional = not p.required
-    label = p.label
-    if p.choices and not p.is_layer and p.kind not in ("folder", "field"):
-        # Static strings: the value is the choice itself (mode=scd on qgis_process, not mode=1).
-        options = [str(c) for c in p.choices]
-        default = str(p.default) if p.default is not None and str(p.default) in options else None
-        param: QgsProcessingParameterDefinition = QgsProcessingParameterEnum(
-            p.name, label, options, False, default, optional, True
-        )
-    elif p.kind == "raster":
-        param = QgsProcessingParameterRasterLayer(p.name, label, optional=optional)
-    elif p.kind == "vector":
-        param = QgsProcessingParameterVectorLayer(p.name, label, [ANY_GEOMETRY], optional=optional)
-    elif p.kind == "polygons":
-        # A feature source, so the toolbox's "Selected features only" works for an area of interest.
-        param = QgsProcessingParameterFeatureSource(p.name, label, [POLYGONS], optional=optional)
-    elif p.kind == "layer":
-        param = QgsProcessingParameterMapLayer(p.name, label, optional=optional)
-    elif p.kind == "folder":
-        param = QgsProcessingParameterFolderDestination(
-            p.name, label, defaultValue=QgsProcessing.TEMPORARY_OUTPUT, optional=optional
-        )
-    elif p.kind == "field":
-        param = QgsProcessingParameterField(
-            p.name, label, parentLayerParameterName=p.parent, type=ANY_FIELD, optional=optional
-        )
-    elif p.kind == "bool":
-        param = QgsProcessingParameterBoolean(p.name, label, bool(p.default), optional=optional)
-    elif p.kind in ("int", "float"):
-        number_type = INTEGER if p.kind == "int" else DOUBLE
-        param = QgsProcessingParameterNumber(p.name, label, number_type, p.default, optional)
-    else:  # string, adapter, bands, ints and any kind this plugin version does not know yet
-        default = p.default
-        if p.name == "device":
-            default = Settings.load().device  # the device chosen in the plugin's settings
-        elif isinstance(default, list | tuple):
-            default = ",".join(str(x) for x in default)
-        param = QgsProcessingParameterString(p.name, label, default, optional=optional)
-    param.setHelp(param_help(p))
-    if is_advanced(p):
-        param.setFlags(param.flags() | ADVANCED)
-    return param
-
-
-def param_help(p: ParamInfo) -> str:
-    if p.kind == "adapter":
-        return f"{p.help} {ADAPTER_HELP}"
-    if p.kind in ("bands", "ints"):
-        return f"{p.help} Comma-separated numbers, e.g. 1,2,3."
-    return p.help
-
-
-def short_help(job: JobInfo) -> str:
-    rows = []
-    for p in job.params:
-        need = "" if p.required else " (optional)"
-        rows.append(f"<li><b>{p.label}</b> <code>{p.name}</code>{need}: {param_help(p)}</li>")
-    outs = "".join(f"<li><b>{o.description}</b> <code>{o.key}</code></li>" for o in job.outputs)
-    text = f"<p>{job.summary}</p><p>Parameters:</p><ul>{''.join(rows)}</ul>"
-    if outs:
-        text += f"<p>Outputs:</p><ul>{outs}</ul>"
-    text += f"<p>Metrics: the {METRICS} output holds the job's scores as JSON.</p>"
-    return text
 
 
 class JobAlgorithm(QgsProcessingAlgorithm):

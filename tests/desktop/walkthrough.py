@@ -55,7 +55,7 @@ def shot(name: str) -> None:
 
 
 def wait_job(dock) -> Iterator[Callable[[], bool]]:
-    yield lambda: dock.current_task is None
+    yield lambda: dock.runner.current_task is None
 
 
 def wait_render() -> Iterator[Callable[[], bool]]:
@@ -90,22 +90,22 @@ def steps() -> Iterator[Callable[[], bool]]:
     result["dock_visible"] = any(d.objectName() == "RsPeftDock" and d.isVisible() for d in docks)
 
     # 1. Detect with change-vector analysis (no training).
-    dock.set_job("change.cva")
-    dock.form.set_value("before", before)
-    dock.form.set_value("after", after)
-    dock.form.set_value("min_area_m2", 20.0)
-    dock.form.set_value("out_dir", str(OUT / "results"))
-    assert dock.run() is not None, dock.message.text()
+    dock.run_tab.set_job("change.cva")
+    dock.run_tab.form.set_value("before", before)
+    dock.run_tab.form.set_value("after", after)
+    dock.run_tab.form.set_value("min_area_m2", 20.0)
+    dock.run_tab.form.set_value("out_dir", str(OUT / "results"))
+    assert dock.runner.run() is not None, dock.run_tab.message.text()
     yield from wait_job(dock)
-    assert dock.last_outcome.get("status") == "finished", dock.last_outcome
-    result["detect"] = layer_facts(dock.last_layers)
+    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    result["detect"] = layer_facts(dock.runner.last_layers)
     result["before"] = layer_facts([before])[0]
     dock.tabs.setCurrentIndex(0)
     yield from wait_render()
     shot("01_detect")
 
     # 2. Inspect: step through the largest changes; the reference mask plays the analyst's eye.
-    inspector = dock.inspector
+    inspector = dock.inspect_tab.inspector
     polygons = inspector.layer
     result["changes_listed"] = inspector.table.rowCount()
     dock.tabs.setCurrentIndex(1)
@@ -121,20 +121,20 @@ def steps() -> Iterator[Callable[[], bool]]:
 
     # 3. Before/after: the swipe shows "after" left of the handle, "before" right of it.
     iface.mapCanvas().setExtent(before.extent())
-    dock.compare.set_layers(before, after)
-    dock.compare.swipe_button.setChecked(True)
+    dock.inspect_tab.compare.set_layers(before, after)
+    dock.inspect_tab.compare.swipe_button.setChecked(True)
     yield from wait_render()
-    tool = dock.compare.tool
+    tool = dock.inspect_tab.compare.tool
     yield lambda: not tool.rendering
     tool.set_position(iface.mapCanvas().width() // 2)
     shot("03_swipe")
-    dock.compare.stop_swipe()
+    dock.inspect_tab.compare.stop_swipe()
 
     # 4. Export the verdicts as labels, then annotate: a new layer, two drawn polygons.
     labels = inspector.export_to(OUT / "results" / "reviewed_labels.gpkg")
     result["exported_labels"] = labels.featureCount() if labels else 0
     dock.tabs.setCurrentIndex(2)
-    annotation = dock.new_annotation_layer()
+    annotation = dock.annotate_tab.new_annotation_layer()
     result["annotation"] = {
         "fields": annotation.fields().names(),
         "crs": annotation.crs().authid(),
@@ -160,32 +160,33 @@ def steps() -> Iterator[Callable[[], bool]]:
     )
     project.addMapLayer(area)
     area.selectAll()
-    dock.labels_combo.setLayer(annotation)
-    dock.area_combo.setLayer(area)
-    ft = dock.form_for("change.finetune")
+    dock.annotate_tab.labels_combo.setLayer(annotation)
+    dock.annotate_tab.area_combo.setLayer(area)
+    ft = dock.run_tab.form_for("change.finetune")
     for key, value in FAST.items():
         ft.set_value(key, value)
     ft.set_value("adapter_name", "walkthrough")
     ft.set_value("overwrite", True)
-    task = dock.finetune_on_selection()
-    assert task is not None, dock.annotate_status.text() + " " + dock.message.text()
+    task = dock.annotate_tab.finetune_on_selection()
+    assert task is not None, dock.annotate_tab.status.text() + " " + dock.run_tab.message.text()
     area.removeSelection()  # the job already has the area; QGIS's selection fill would hide the map
     yield from wait_job(dock)
-    assert dock.last_outcome.get("status") == "finished", dock.last_outcome
-    result["epochs"] = dock.epoch_table.rowCount()
-    result["adapter"] = dock.last_outcome["metrics"].get("adapter")
+    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    result["epochs"] = dock.run_tab.epoch_table.rowCount()
+    result["adapter"] = dock.runner.last_outcome["metrics"].get("adapter")
     shot("05_finetune")
 
     # 6. Detect again with the new adapter ("Apply now" preselects it).
-    yield lambda: dock.adapters is not None and any(a.get("name") == "walkthrough" for a in dock.adapters)
-    dock.apply_now("change.detect", "walkthrough")
-    dock.form.set_value("before", before)
-    dock.form.set_value("after", after)
-    dock.form.set_value("out_dir", str(OUT / "results"))
-    assert dock.run() is not None, dock.message.text()
+    library = dock.library
+    yield lambda: library.adapters is not None and any(a.get("name") == "walkthrough" for a in library.adapters)
+    dock.runner.apply_now("change.detect", "walkthrough")
+    dock.run_tab.form.set_value("before", before)
+    dock.run_tab.form.set_value("after", after)
+    dock.run_tab.form.set_value("out_dir", str(OUT / "results"))
+    assert dock.runner.run() is not None, dock.run_tab.message.text()
     yield from wait_job(dock)
-    assert dock.last_outcome.get("status") == "finished", dock.last_outcome
-    result["detect_again"] = layer_facts(dock.last_layers)
+    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    result["detect_again"] = layer_facts(dock.runner.last_layers)
     dock.tabs.setCurrentIndex(0)
     iface.mapCanvas().setExtent(before.extent())
     yield from wait_render()

@@ -80,17 +80,17 @@ def dock(qgis_iface, qgis_new_project):
 
     panel = RsPeftDock(qgis_iface)
     yield panel
-    if panel.current_task is not None:
-        panel.cancel()
-        wait_until(lambda: panel.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
-    if panel._adapter_task is not None:
-        wait_until(lambda: panel._adapter_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+    if panel.runner.current_task is not None:
+        panel.runner.cancel()
+        wait_until(lambda: panel.runner.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+    if panel.library.task is not None:
+        wait_until(lambda: panel.library.task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
     panel.shutdown()
-    panel.last_layers = []
-    if panel.inspector is not None:
-        panel.inspector.set_layer(None)
-    if panel.compare is not None and hasattr(panel.compare, "set_layers"):
-        panel.compare.set_layers(None, None)
+    panel.runner.last_layers = []
+    if panel.inspect_tab.inspector is not None:
+        panel.inspect_tab.inspector.set_layer(None)
+    if panel.inspect_tab.compare is not None and hasattr(panel.inspect_tab.compare, "set_layers"):
+        panel.inspect_tab.compare.set_layers(None, None)
     QgsProject.instance().removeAllMapLayers()
     panel.deleteLater()
 

@@ -16,13 +16,9 @@ from qgis.PyQt.QtCore import QCoreApplication, QSettings
 from qgis.PyQt.QtWidgets import QDialog
 
 from rs_peft_qgis import installer
-from rs_peft_qgis.dialogs import (
-    DiagnosticsDialog,
-    InstallerDialog,
-    SettingsDialog,
-    describe_plan,
-    diagnostics_report,
-)
+from rs_peft_qgis.dialogs.diagnostics_dialog import DiagnosticsDialog, diagnostics_report
+from rs_peft_qgis.dialogs.installer_dialog import InstallerDialog, describe_plan
+from rs_peft_qgis.dialogs.settings_dialog import SettingsDialog
 from rs_peft_qgis.session import SESSION
 from rs_peft_qgis.settings import Settings
 

@@ -23,7 +23,8 @@ from qgis.PyQt import sip
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDockWidget, QLineEdit
 
 from rs_peft_qgis import catalog
-from rs_peft_qgis.forms import AdapterPicker, AoiChooser, LayerPicker, raster_hint
+from rs_peft_qgis.forms.adapter_picker import AdapterPicker
+from rs_peft_qgis.forms.widgets import AoiChooser, LayerPicker, raster_hint
 from rs_peft_qgis.session import SESSION
 
 
@@ -40,7 +41,7 @@ def pair(name: str = "test_2_0000_0512") -> tuple[QgsRasterLayer, QgsRasterLayer
 
 
 def wait_done(dock, timeout: int = JOB_TIMEOUT_MS) -> None:
-    wait_until(lambda: dock.current_task is None, timeout_milliseconds=timeout)
+    wait_until(lambda: dock.runner.current_task is None, timeout_milliseconds=timeout)
 
 
 def files_in(folder: Path) -> list[Path]:
@@ -99,8 +100,8 @@ def test_plugin_loads_its_panel_and_actions_and_unloads_cleanly(qgis_iface, qgis
         client = SESSION.client()  # the worker a job would have started
         assert client.alive
     finally:
-        if plugin.dock is not None and plugin.dock._adapter_task is not None:  # shown: it reads the library
-            wait_until(lambda: plugin.dock._adapter_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+        if plugin.dock is not None and plugin.dock.library.task is not None:  # shown: it reads the library
+            wait_until(lambda: plugin.dock.library.task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
         plugin.unload()
         qgis_iface.mainWindow().hide()
     assert plugin.actions == [] and plugin.dock is None and plugin.provider is None
@@ -131,10 +132,10 @@ def test_every_catalog_job_gets_a_form_with_the_right_widget_per_kind(dock) -> N
     jobs = catalog.load().jobs
     assert jobs
     for name, job in jobs.items():
-        dock.set_job(name)
-        form = dock.form
-        assert form.job is job and dock.job_combo.currentText() == job.title
-        assert dock.task_combo.currentData() == job.task
+        dock.run_tab.set_job(name)
+        form = dock.run_tab.form
+        assert form.job is job and dock.run_tab.job_combo.currentText() == job.title
+        assert dock.run_tab.task_combo.currentData() == job.task
         for p in job.params:
             widget = form.widgets[p.name]
             assert widget.toolTip() == p.help, p.name
@@ -163,7 +164,7 @@ def test_every_catalog_job_gets_a_form_with_the_right_widget_per_kind(dock) -> N
         if job.param("name") is not None:
             assert form.value("name") == name.split(".")[1]  # outputs named after the job's verb
     # Required parameters come first in the main section.
-    form = dock.forms["change.cva"]
+    form = dock.run_tab.forms["change.cva"]
     assert list(form.widgets)[:3] == ["before", "after", "out_dir"]
 
 
@@ -171,8 +172,8 @@ def test_layer_pickers_filter_by_type_and_show_a_band_hint(dock) -> None:
     before, after = pair()
     polygons = QgsVectorLayer("Polygon?crs=EPSG:4326", "area", "memory")
     QgsProject.instance().addMapLayer(polygons)
-    dock.set_job("change.finetune")
-    form = dock.form
+    dock.run_tab.set_job("change.finetune")
+    form = dock.run_tab.form
     before_combo = form.widgets["before"].combo
     raster_choices = {before_combo.layer(i) for i in range(before_combo.count())}
     assert raster_choices == {before, after}  # rasters only
@@ -193,64 +194,64 @@ def test_layer_pickers_filter_by_type_and_show_a_band_hint(dock) -> None:
     form.set_value("labels", polygons)
     assert form.widgets["label_field"].isEnabled() and form.widgets["label_field"].layer() is polygons
     # Rasters chosen in one job stay chosen in the next one of the task.
-    dock.set_job("change.cva")
-    assert dock.form.value("before") is after
+    dock.run_tab.set_job("change.cva")
+    assert dock.run_tab.form.value("before") is after
 
 
 # --- jobs ----------------------------------------------------------------------------------------------
 
 
 def test_missing_required_layer_gives_a_message_and_starts_nothing(dock, tmp_path) -> None:
-    dock.set_job("change.cva")
-    dock.form.set_value("out_dir", str(tmp_path))
+    dock.run_tab.set_job("change.cva")
+    dock.run_tab.form.set_value("out_dir", str(tmp_path))
     active = len(QgsApplication.taskManager().tasks())
-    dock.run_button.click()  # what the analyst does
-    assert dock.current_task is None
-    assert "Before" in dock.message.text()
-    assert dock.run() is None
-    assert dock.current_task is None
-    assert not dock.message.isHidden()
-    assert "Before" in dock.message.text() and "After" in dock.message.text()
+    dock.run_tab.run_button.click()  # what the analyst does
+    assert dock.runner.current_task is None
+    assert "Before" in dock.run_tab.message.text()
+    assert dock.runner.run() is None
+    assert dock.runner.current_task is None
+    assert not dock.run_tab.message.isHidden()
+    assert "Before" in dock.run_tab.message.text() and "After" in dock.run_tab.message.text()
     assert len(QgsApplication.taskManager().tasks()) == active
-    assert dock.run_button.isEnabled()
+    assert dock.run_tab.run_button.isEnabled()
     assert files_in(tmp_path) == []
 
 
 def test_bad_values_give_plain_messages_not_tracebacks(dock, qgis_iface, tmp_path) -> None:
     before, after = pair()
-    dock.set_job("change.cva")
-    form = dock.form
+    dock.run_tab.set_job("change.cva")
+    form = dock.run_tab.form
     form.set_value("before", before)
     form.set_value("after", after)
     form.set_value("out_dir", str(tmp_path))
     form.set_value("bands", "red,green")
-    assert dock.run() is None and "whole numbers" in dock.message.text()
+    assert dock.runner.run() is None and "whole numbers" in dock.run_tab.message.text()
     form.set_value("bands", "1, 9")  # the rasters have 3 bands: the worker refuses it
-    task = dock.run()
+    task = dock.runner.run()
     assert task is not None and task.params["bands"] == [1, 9]
     wait_done(dock)
     assert task.outcome["status"] == "failed"
     critical = qgis_iface.messageBar().get_messages(Qgis.Critical)
     assert len(critical) == 1 and "Traceback" not in critical[0] and "9" in critical[0], critical
-    assert "failed" in dock.log.toPlainText() and dock.last_layers == []
+    assert "failed" in dock.run_tab.log.toPlainText() and dock.runner.last_layers == []
     assert files_in(tmp_path) == []
 
 
 def test_dock_runs_cva_on_a_levir_pair_and_adds_styled_layers(dock, qgis_iface, tmp_path) -> None:
     before, after = pair()
-    dock.set_job("change.cva")
-    form = dock.form
+    dock.run_tab.set_job("change.cva")
+    form = dock.run_tab.form
     form.set_value("before", before)
     form.set_value("after", after)
     form.set_value("out_dir", str(tmp_path))
-    task = dock.run()
-    assert task is not None and dock.current_task is task
-    assert not dock.run_button.isEnabled() and dock.cancel_button.isEnabled()
-    assert dock.run() is None  # one job at a time
+    task = dock.runner.run()
+    assert task is not None and dock.runner.current_task is task
+    assert not dock.run_tab.run_button.isEnabled() and dock.run_tab.cancel_button.isEnabled()
+    assert dock.runner.run() is None  # one job at a time
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
-    assert dock.run_button.isEnabled() and dock.progress.value() == 100
-    layers = dock.last_layers
+    assert dock.run_tab.run_button.isEnabled() and dock.run_tab.progress.value() == 100
+    layers = dock.runner.last_layers
     assert len(layers) == 3
     group = next(g for g in QgsProject.instance().layerTreeRoot().findGroups() if g.name().startswith("Detect (CVA"))
     assert {n.layer() for n in group.findLayers()} == set(layers)
@@ -267,16 +268,16 @@ def test_dock_runs_cva_on_a_levir_pair_and_adds_styled_layers(dock, qgis_iface, 
     }
     success = qgis_iface.messageBar().get_messages(Qgis.Success)
     assert any("Detect (CVA, no training)" in m and "polygons" in m for m in success), success
-    assert "started" in dock.log.toPlainText() and "finished" in dock.log.toPlainText()
-    if dock.inspector is not None:  # the change polygons go to the Inspect tab
+    assert "started" in dock.run_tab.log.toPlainText() and "finished" in dock.run_tab.log.toPlainText()
+    if dock.inspect_tab.inspector is not None:  # the change polygons go to the Inspect tab
         assert dock.tabs.currentIndex() == 1
         polygons = next(x for x in layers if isinstance(x, QgsVectorLayer))
-        assert dock.inspector.layer is polygons
-    if dock.compare is not None:  # and the inputs to the before/after comparison
-        assert dock.compare.before_combo.currentLayer() is before
-        assert dock.compare.after_combo.currentLayer() is after
+        assert dock.inspect_tab.inspector.layer is polygons
+    if dock.inspect_tab.compare is not None:  # and the inputs to the before/after comparison
+        assert dock.inspect_tab.compare.before_combo.currentLayer() is before
+        assert dock.inspect_tab.compare.after_combo.currentLayer() is after
     # A second run never overwrites the first run's files (they are loaded as layers).
-    second = dock.run()
+    second = dock.runner.run()
     wait_done(dock)
     assert second.outcome["status"] == "finished"
     assert (tmp_path / "cva_2_changes.gpkg").is_file()
@@ -284,10 +285,10 @@ def test_dock_runs_cva_on_a_levir_pair_and_adds_styled_layers(dock, qgis_iface, 
 
 def test_detect_with_a_fine_tuned_adapter_from_the_library(dock, filf_adapter, tmp_path) -> None:
     before, after = pair("test_55_0256_0000")
-    dock.set_job("change.detect")
-    form = dock.form
+    dock.run_tab.set_job("change.detect")
+    form = dock.run_tab.form
     picker = form.adapter_picker
-    dock.refresh_adapters()
+    dock.library.refresh()
     wait_until(lambda: filf_adapter in picker.names(), timeout_milliseconds=JOB_TIMEOUT_MS)
     index = picker.combo.findData(filf_adapter)
     tooltip = picker.combo.itemData(index, 3)  # Qt.ToolTipRole
@@ -296,19 +297,19 @@ def test_detect_with_a_fine_tuned_adapter_from_the_library(dock, filf_adapter, t
     form.set_value("before", before)
     form.set_value("after", after)
     form.set_value("out_dir", str(tmp_path))
-    task = dock.run()
+    task = dock.runner.run()
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
     assert task.params["adapter"] == filf_adapter
-    assert len(dock.last_layers) == 3
-    assert all(x.crs().authid() == "EPSG:4326" for x in dock.last_layers)
+    assert len(dock.runner.last_layers) == 3
+    assert all(x.crs().authid() == "EPSG:4326" for x in dock.runner.last_layers)
 
 
 def slow_cva(dock, tmp_path: Path) -> None:
     """change.cva on the 1024² pair in small tiles: a few seconds, enough to interrupt."""
     before, after = pair("test_1")
-    dock.set_job("change.cva")
-    form = dock.form
+    dock.run_tab.set_job("change.cva")
+    form = dock.run_tab.form
     form.set_value("before", before)
     form.set_value("after", after)
     form.set_value("out_dir", str(tmp_path))
@@ -322,24 +323,24 @@ def test_cancel_mid_job_leaves_nothing_and_the_worker_lives(dock, qgis_iface, tm
     SESSION.client()  # a running worker, to check it survives the cancel
     worker = SESSION.running
     layers_before = set(QgsProject.instance().mapLayers())
-    task = dock.run()
-    wait_until(lambda: dock.progress.value() > 0, timeout_milliseconds=JOB_TIMEOUT_MS)
-    assert dock.current_task is task
-    dock.cancel()
+    task = dock.runner.run()
+    wait_until(lambda: dock.run_tab.progress.value() > 0, timeout_milliseconds=JOB_TIMEOUT_MS)
+    assert dock.runner.current_task is task
+    dock.runner.cancel()
     wait_done(dock)
     assert task.cancelled, task.outcome
     assert set(QgsProject.instance().mapLayers()) == layers_before
-    assert dock.last_layers == []
+    assert dock.runner.last_layers == []
     assert files_in(tmp_path) == []  # no result, no partial file
     assert SESSION.running is worker and worker.alive  # the worker (and its loaded model) survives
     assert any("Cancelled — nothing was written" in m for m in qgis_iface.messageBar().get_messages(Qgis.Info))
-    assert dock.run_button.isEnabled()
+    assert dock.run_tab.run_button.isEnabled()
 
 
 def test_killed_worker_is_reported_and_restarted_for_the_next_job(dock, qgis_iface, tmp_path) -> None:
     slow_cva(dock, tmp_path / "killed")
-    task = dock.run()
-    wait_until(lambda: dock.progress.value() > 0, timeout_milliseconds=JOB_TIMEOUT_MS)
+    task = dock.runner.run()
+    wait_until(lambda: dock.run_tab.progress.value() > 0, timeout_milliseconds=JOB_TIMEOUT_MS)
     starts = SESSION.starts
     SESSION.running.proc.kill()
     wait_done(dock)
@@ -349,15 +350,15 @@ def test_killed_worker_is_reported_and_restarted_for_the_next_job(dock, qgis_ifa
     assert files_in(tmp_path / "killed") == []
     # The next run starts a new worker and succeeds.
     before, after = pair()
-    dock.form.set_value("before", before)
-    dock.form.set_value("after", after)
-    dock.form.set_value("tile_size", 512)
-    dock.form.set_value("out_dir", str(tmp_path / "again"))
-    again = dock.run()
+    dock.run_tab.form.set_value("before", before)
+    dock.run_tab.form.set_value("after", after)
+    dock.run_tab.form.set_value("tile_size", 512)
+    dock.run_tab.form.set_value("out_dir", str(tmp_path / "again"))
+    again = dock.runner.run()
     wait_done(dock)
     assert again.outcome["status"] == "finished", again.outcome
     assert SESSION.starts == starts + 1 and SESSION.running is not None
-    assert len(dock.last_layers) == 3
+    assert len(dock.runner.last_layers) == 3
 
 
 def test_selected_feature_of_a_memory_layer_limits_the_result(dock, tmp_path) -> None:
@@ -373,23 +374,23 @@ def test_selected_feature_of_a_memory_layer_limits_the_result(dock, tmp_path) ->
     area.dataProvider().addFeatures(feats)
     QgsProject.instance().addMapLayer(area)
     area.selectByIds([next(area.getFeatures()).id()])  # only the lower-left quarter
-    dock.set_job("change.cva")
-    form = dock.form
+    dock.run_tab.set_job("change.cva")
+    form = dock.run_tab.form
     form.set_value("before", before)
     form.set_value("after", after)
     form.set_value("out_dir", str(tmp_path))
     form.set_value("aoi", area)
     assert form.value("aoi") is area
-    task = dock.run()
+    task = dock.runner.run()
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
     assert Path(task.params["aoi"]).is_file()
-    probability = next(x for x in dock.last_layers if "probability" in x.name())
+    probability = next(x for x in dock.runner.last_layers if "probability" in x.name())
     pixel = before.rasterUnitsPerPixelX()
     assert close(probability.extent(), quarter, 2 * pixel), (probability.extent().toString(), quarter.toString())
     # Nothing selected: a plain message, no job.
     area.removeSelection()
-    assert dock.run() is None and "selected" in dock.message.text()
+    assert dock.runner.run() is None and "selected" in dock.run_tab.message.text()
 
 
 def test_memory_layer_is_exported_for_the_job_and_its_field_used(dock, qgis_iface, tmp_path) -> None:
@@ -402,13 +403,13 @@ def test_memory_layer_is_exported_for_the_job_and_its_field_used(dock, qgis_ifac
     f["cls"] = 1
     reference.dataProvider().addFeatures([f])
     QgsProject.instance().addMapLayer(reference)
-    dock.set_job("change.evaluate")
-    form = dock.form
+    dock.run_tab.set_job("change.evaluate")
+    form = dock.run_tab.form
     form.set_value("prediction", prediction)
     form.set_value("reference", reference)
     form.set_value("reference_field", "cls")
     assert form.value("reference_field") == "cls"
-    task = dock.run()
+    task = dock.runner.run()
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
     exported = Path(task.params["reference"])
@@ -418,7 +419,7 @@ def test_memory_layer_is_exported_for_the_job_and_its_field_used(dock, qgis_ifac
         and exported.parent == tmp_path / "rs_peft_outputs" / "rs_peft_work"
     )
     assert task.params["reference_field"] == "cls"
-    assert dock.last_layers == []
+    assert dock.runner.last_layers == []
     success = qgis_iface.messageBar().get_messages(Qgis.Success)
     assert any("Evaluate" in m for m in success), success
     QgsProject.instance().setFileName("")
@@ -427,9 +428,9 @@ def test_memory_layer_is_exported_for_the_job_and_its_field_used(dock, qgis_ifac
 def test_finetune_from_the_dock_fills_the_epoch_table_and_offers_the_adapter(dock, qgis_iface, tmp_path) -> None:
     before, after = pair()
     label = add_raster(levir("test_2_0000_0512")[2], "label")
-    dock.set_job("change.finetune")
-    form = dock.form
-    assert not dock.epoch_table.isHidden()
+    dock.run_tab.set_job("change.finetune")
+    form = dock.run_tab.form
+    assert not dock.run_tab.epoch_table.isHidden()
     form.set_value("before", before)
     form.set_value("after", after)
     form.set_value("labels", label)
@@ -437,25 +438,25 @@ def test_finetune_from_the_dock_fills_the_epoch_table_and_offers_the_adapter(doc
     form.set_value("overwrite", True)
     for name, value in FAST_FINETUNE.items():
         form.set_value(name, value)
-    task = dock.run()
+    task = dock.runner.run()
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
     assert task.params["epochs"] == FAST_FINETUNE["epochs"] and task.params["backbone"] == "tiny_vit_tiny"
-    table = dock.epoch_table
+    table = dock.run_tab.epoch_table
     assert table.rowCount() == FAST_FINETUNE["epochs"]
     assert [table.item(r, 0).text() for r in range(table.rowCount())] == ["1", "2"]
     for row in range(table.rowCount()):
         loss, f1, iou = (float(table.item(row, c).text()) for c in (1, 2, 3))
         assert loss > 0 and 0 <= f1 <= 1 and 0 <= iou <= 1
-    assert "validation F1" in dock.log.toPlainText()
+    assert "validation F1" in dock.run_tab.log.toPlainText()
     # The new adapter appears in the detect form, already selected; "Apply now" switches to it.
-    detect = dock.forms["change.detect"]
+    detect = dock.run_tab.forms["change.detect"]
     wait_until(lambda: "dock-finetune" in detect.adapter_picker.names(), timeout_milliseconds=60_000)
     assert detect.value("adapter") == "dock-finetune"
-    assert dock.apply_now_button is not None
-    dock.apply_now_button.click()
-    assert dock.job.name == "change.detect" and dock.form.value("adapter") == "dock-finetune"
-    assert dock.form.value("before") is before  # the rasters came along
+    assert dock.runner.apply_now_button is not None
+    dock.runner.apply_now_button.click()
+    assert dock.run_tab.job.name == "change.detect" and dock.run_tab.form.value("adapter") == "dock-finetune"
+    assert dock.run_tab.form.value("before") is before  # the rasters came along
 
 
 def test_annotate_then_finetune_on_selection(dock, qgis_iface, tmp_path) -> None:
@@ -463,15 +464,15 @@ def test_annotate_then_finetune_on_selection(dock, qgis_iface, tmp_path) -> None
     QgsProject.instance().setCrs(QgsRasterLayer(str(levir("test_2_0000_0512")[0])).crs())
     QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))  # annotation files go next to it
     before, after = pair()
-    dock.set_job("change.cva")
-    dock.form.set_value("before", before)
-    dock.form.set_value("after", after)
-    finetune = dock.form_for("change.finetune")
+    dock.run_tab.set_job("change.cva")
+    dock.run_tab.form.set_value("before", before)
+    dock.run_tab.form.set_value("after", after)
+    finetune = dock.run_tab.form_for("change.finetune")
     for name, value in FAST_FINETUNE.items():
         finetune.set_value(name, value)
     finetune.set_value("adapter_name", "dock-annotated")
     finetune.set_value("overwrite", True)
-    layer = dock.new_annotation_layer()
+    layer = dock.annotate_tab.new_annotation_layer()
     assert layer is not None and layer.isEditable() and "change" in layer.fields().names()
     assert layer.crs().authid() == "EPSG:4326" and QgsProject.instance().mapLayer(layer.id()) is layer
     qgis_iface.actionAddFeature().trigger.assert_called()
@@ -487,16 +488,16 @@ def test_annotate_then_finetune_on_selection(dock, qgis_iface, tmp_path) -> None
         f["change"] = value
         assert layer.addFeature(f)
     assert layer.isModified()
-    task = dock.finetune_on_selection()
-    assert task is not None, dock.message.text()
-    assert "Nothing is selected" in dock.annotate_status.text()  # the layer's extent is the training area
-    assert dock.job.name == "change.finetune"
-    assert dock.form.value("labels") is layer and dock.form.value("label_field") == "change"
+    task = dock.annotate_tab.finetune_on_selection()
+    assert task is not None, dock.run_tab.message.text()
+    assert "Nothing is selected" in dock.annotate_tab.status.text()  # the layer's extent is the training area
+    assert dock.run_tab.job.name == "change.finetune"
+    assert dock.run_tab.form.value("labels") is layer and dock.run_tab.form.value("label_field") == "change"
     assert not layer.isModified()  # the edits were saved for the job
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
     assert Path(task.params["aoi"]).is_file() and task.params["label_field"] == "change"
-    assert dock.epoch_table.rowCount() == FAST_FINETUNE["epochs"]
+    assert dock.run_tab.epoch_table.rowCount() == FAST_FINETUNE["epochs"]
     layer.rollBack()
     QgsProject.instance().setFileName("")
 
@@ -507,8 +508,8 @@ def test_unload_during_a_job_cancels_it(qgis_iface, qgis_new_project, tmp_path) 
     plugin = classFactory(qgis_iface)
     plugin.initGui()
     slow_cva(plugin.dock, tmp_path)
-    task = plugin.dock.run()
-    wait_until(lambda: plugin.dock.progress.value() > 0, timeout_milliseconds=JOB_TIMEOUT_MS)
+    task = plugin.dock.runner.run()
+    wait_until(lambda: plugin.dock.run_tab.progress.value() > 0, timeout_milliseconds=JOB_TIMEOUT_MS)
     worker = SESSION.running
     plugin.unload()
     assert SESSION.running is None and not worker.alive

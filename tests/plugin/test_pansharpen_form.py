@@ -17,7 +17,8 @@ from qgis.gui import QgsSpinBox
 from qgis.PyQt.QtWidgets import QComboBox, QFormLayout, QLabel
 
 from rs_peft_qgis import catalog
-from rs_peft_qgis.dock import training_summary
+from rs_peft_qgis.dock.epochs import training_summary
+from rs_peft_qgis.form_hooks.pansharpen import ratio_check, ratio_hint
 
 DATA = ROOT / "tests" / "data" / "pansharpening" / "spacenet6"
 PAN, MS = DATA / "pan.tif", DATA / "ms.tif"
@@ -47,8 +48,9 @@ def pansharpen_jobs() -> list[catalog.JobInfo]:
 
 
 def hint_text(form) -> str:
-    assert form.ratio_hint is not None
-    return form.ratio_hint.text() if not form.ratio_hint.isHidden() else ""
+    hint = ratio_hint(form)
+    assert hint is not None
+    return hint.text() if not hint.isHidden() else ""
 
 
 # --- the main form ------------------------------------------------------------------------------------
@@ -56,8 +58,8 @@ def hint_text(form) -> str:
 
 def test_sensor_method_and_ratio_are_on_the_main_form_of_every_pansharpening_job(dock) -> None:
     for job in pansharpen_jobs():
-        dock.set_job(job.name)
-        form = dock.form
+        dock.run_tab.set_job(job.name)
+        form = dock.run_tab.form
         for name in ("sensor", "method", "ratio"):
             if job.param(name) is None:
                 continue
@@ -72,19 +74,19 @@ def test_sensor_method_and_ratio_are_on_the_main_form_of_every_pansharpening_job
             if job.param(name) is not None:
                 assert form.advanced.isAncestorOf(form.widgets[name]), (job.name, name)
     # Other tasks keep their look: the change fine-tune's backbone stays under Advanced.
-    dock.set_job("change.finetune")
-    assert dock.form.advanced.isAncestorOf(dock.form.widgets["backbone"])
+    dock.run_tab.set_job("change.finetune")
+    assert dock.run_tab.form.advanced.isAncestorOf(dock.run_tab.form.widgets["backbone"])
 
 
 def test_the_sensor_chosen_on_the_main_form_goes_to_the_job(dock, tmp_path: Path) -> None:
     pan, ms = add(PAN, "pan"), add(MS, "ms")
-    dock.set_job("pansharpen.classic")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.classic")
+    form = dock.run_tab.form
     form.set_value("pan", pan)
     form.set_value("ms", ms)
     form.set_value("sensor", "WV3")
     form.set_value("out_dir", str(tmp_path))
-    params, _context = dock._prepare(dock.job, form)
+    params, _context = dock.runner.prepare(dock.run_tab.job, form)
     assert params["sensor"] == "WV3" and params["pan"] == str(PAN) and params["ms"] == str(MS)
     assert "ratio" not in params  # "auto": the backend detects it
 
@@ -95,19 +97,19 @@ def test_the_sensor_chosen_on_the_main_form_goes_to_the_job(dock, tmp_path: Path
 def test_the_spacenet6_pair_gives_ratio_2(dock) -> None:
     pan, ms = add(PAN, "pan"), add(MS, "ms")
     for name in ("pansharpen.classic", "pansharpen.evaluate"):
-        dock.set_job(name)
-        form = dock.form
+        dock.run_tab.set_job(name)
+        form = dock.run_tab.form
         form.set_value("pan", pan)
         form.set_value("ms", ms)
-        check = form.ratio_check()
+        check = ratio_check(form)
         assert check.ratio == 2 and not check.warning and check.estimate == pytest.approx(2.0, rel=1e-3)
         assert hint_text(form) == "Detected ratio: 2 (PAN 0.50 m, MS 1.00 m)"
-        assert "gray" in form.ratio_hint.styleSheet()
+        assert "gray" in ratio_hint(form).styleSheet()
         # The hint sits right under the ratio field, on the main form.
-        layout = next(f for f in form.findChildren(QFormLayout) if f.indexOf(form.ratio_hint) >= 0)
-        hint_row, _ = layout.getWidgetPosition(form.ratio_hint)
+        layout = next(f for f in form.findChildren(QFormLayout) if f.indexOf(ratio_hint(form)) >= 0)
+        hint_row, _ = layout.getWidgetPosition(ratio_hint(form))
         ratio_row, _ = layout.getWidgetPosition(form.widgets["ratio"])
-        assert hint_row == ratio_row + 1 and not form.advanced.isAncestorOf(form.ratio_hint)
+        assert hint_row == ratio_row + 1 and not form.advanced.isAncestorOf(ratio_hint(form))
         # A ratio set by hand that disagrees is named as the one used.
         form.set_value("ratio", 4)
         assert hint_text(form) == "Detected ratio: 2 (PAN 0.50 m, MS 1.00 m); the ratio you set (4) is used."
@@ -122,11 +124,11 @@ def test_a_reprojected_ms_is_measured_in_the_pan_crs(dock, tmp_path: Path) -> No
     # In its own CRS the MS pixel is ~1.6 "metres" (Mercator at 52° N): compared as is, no whole ratio.
     naive = layer.rasterUnitsPerPixelX() / PAN_PIXEL
     assert abs(naive - round(naive)) > 0.05 * naive
-    dock.set_job("pansharpen.classic")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.classic")
+    form = dock.run_tab.form
     form.set_value("pan", add(PAN, "pan"))
     form.set_value("ms", layer)
-    check = form.ratio_check()
+    check = ratio_check(form)
     assert check.ratio == 2 and check.estimate == pytest.approx(2.0, rel=0.01)
     assert hint_text(form) == "Detected ratio: 2 (PAN 0.50 m, MS 1.00 m)"
 
@@ -134,14 +136,14 @@ def test_a_reprojected_ms_is_measured_in_the_pan_crs(dock, tmp_path: Path) -> No
 def test_an_ms_in_degrees_is_measured_on_the_ground(dock, tmp_path: Path) -> None:
     geographic = warp(tmp_path, "ms_4326", dstSRS="EPSG:4326")
     layer = add(geographic, "ms 4326")
-    dock.set_job("pansharpen.evaluate")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.evaluate")
+    form = dock.run_tab.form
     form.set_value("pan", add(PAN, "pan"))
     form.set_value("ms", layer)
     # gdalwarp made square pixels in degrees; on the ground at this latitude they are not 1 m x 1 m.
     lat = math.radians(layer.extent().center().y())
     metres = 111_320 * math.sqrt(layer.rasterUnitsPerPixelX() * layer.rasterUnitsPerPixelY() * math.cos(lat))
-    check = form.ratio_check()
+    check = ratio_check(form)
     assert check.estimate == pytest.approx(metres / PAN_PIXEL, rel=0.01)
     assert check.estimate > 2.05 and check.ratio is None and check.warning  # more than 2 % off: as the backend
     assert f"MS pixel is {check.estimate:.1f} × the PAN pixel" in hint_text(form)
@@ -151,23 +153,23 @@ def test_an_ms_in_degrees_is_measured_on_the_ground(dock, tmp_path: Path) -> Non
 def test_a_non_whole_ratio_asks_for_it_and_follows_the_pickers(dock, tmp_path: Path) -> None:
     coarse = add(warp(tmp_path, "ms_3_3", xRes=3.3 * PAN_PIXEL, yRes=3.3 * PAN_PIXEL), "ms 3.3")
     pan, ms = add(PAN, "pan"), add(MS, "ms")
-    dock.set_job("pansharpen.classic")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.classic")
+    form = dock.run_tab.form
     form.set_value("pan", pan)
     form.set_value("ms", ms)
-    assert form.ratio_check().ratio == 2
+    assert ratio_check(form).ratio == 2
     form.set_value("ms", coarse)  # the hint follows the MS picker
-    check = form.ratio_check()
+    check = ratio_check(form)
     assert check.ratio is None and check.warning and check.estimate == pytest.approx(3.3, rel=1e-3)
     assert hint_text(form) == "MS pixel is 3.3 × the PAN pixel (PAN 0.50 m, MS 1.65 m): not a whole ratio — set it."
-    assert "gray" not in form.ratio_hint.styleSheet()
+    assert "gray" not in ratio_hint(form).styleSheet()
     form.set_value("ratio", 3)  # what the backend then uses
-    assert hint_text(form).endswith("; the ratio you set (3) is used.") and not form.ratio_check().warning
+    assert hint_text(form).endswith("; the ratio you set (3) is used.") and not ratio_check(form).warning
     form.set_value("ratio", None)
     form.set_value("pan", ms)  # ... and the PAN picker: a 4-band, coarser "PAN"
     text = hint_text(form)
     assert text.startswith("The PAN layer has 4 bands: choose the single-band panchromatic raster.")
-    assert form.ratio_check().warning
+    assert ratio_check(form).warning
     form.set_value("pan", pan)
     form.set_value("ms", ms)
     assert hint_text(form) == "Detected ratio: 2 (PAN 0.50 m, MS 1.00 m)"
@@ -182,28 +184,29 @@ def test_layers_without_crs_compare_their_sizes(dock, tmp_path: Path) -> None:
     pan = add(blank("pan", 256, 1), "pan no crs")
     ms = add(blank("ms", 64, 4), "ms no crs")
     assert not pan.crs().isValid() and not ms.crs().isValid()
-    dock.set_job("pansharpen.classic")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.classic")
+    form = dock.run_tab.form
     form.set_value("pan", pan)
     form.set_value("ms", ms)
-    assert form.ratio_check().ratio == 4
+    assert ratio_check(form).ratio == 4
     assert hint_text(form) == "Detected ratio: 4 (no CRS: PAN 256×256 px, MS 64×64 px)"
     form.set_value("ms", add(MS, "ms"))  # one with a CRS, one without: the backend refuses the pair
     assert hint_text(form) == "The PAN layer has no CRS but the other one has: assign one to it first."
 
 
 def test_no_hint_without_layers_or_without_a_pan_ms_pair(dock) -> None:
-    dock.set_job("pansharpen.classic")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.classic")
+    form = dock.run_tab.form
     ratio = form.widgets["ratio"]
     assert isinstance(ratio, QgsSpinBox) and ratio.minimum() == 1 and ratio.specialValueText() == "auto"
     ratio.setValue(2)
     assert form.value("ratio") == 2  # the smallest ratio that can be set; below it is "auto"
     form.set_value("ratio", None)
-    assert form.value("pan") is None and form.ratio_hint.isHidden()
-    assert form.ratio_check().text == ""
-    dock.set_job("change.cva")
-    assert dock.form.ratio_hint is None and not dock.form.findChildren(QLabel, "ratioHint")  # no PAN/MS pair
+    assert form.value("pan") is None and ratio_hint(form).isHidden()
+    assert ratio_check(form).text == ""
+    dock.run_tab.set_job("change.cva")
+    form = dock.run_tab.form
+    assert ratio_hint(form) is None and not form.findChildren(QLabel, "ratioHint")  # no PAN/MS pair
 
 
 # --- the epoch table ----------------------------------------------------------------------------------
@@ -237,9 +240,9 @@ def pansharpen_records() -> list[dict]:
 
 
 def test_the_epoch_table_follows_a_pansharpening_finetune(dock) -> None:
-    table = dock.epoch_table
+    table = dock.run_tab.epoch_table
     for record in pansharpen_records():
-        dock._on_log("epoch", f"epoch {record['epoch']}", record)
+        dock.run_tab.on_log("epoch", f"epoch {record['epoch']}", record)
     assert headers(table) == ["Epoch", "Stage", "Loss", "Val Q2n", "Val SAM", "Val ERGAS"]
     assert rows(table) == [
         ["1", "prior", "0.0200", "0.8000", "3.5000", "4.0000"],
@@ -248,24 +251,24 @@ def test_the_epoch_table_follows_a_pansharpening_finetune(dock) -> None:
         ["2", "adapter", "0.0050", "0.9500", "2.7500", "2.5000"],
     ]
     assert "Val psnr: 33.0000" in table.item(3, 0).toolTip()  # scores without a column are in the tooltip
-    assert "epoch 2" in dock.log.toPlainText()
+    assert "epoch 2" in dock.run_tab.log.toPlainText()
     # The next job starts with an empty table whose columns its own first record decides.
-    dock.clear_epochs()
+    dock.run_tab.epoch_table.reset()
     assert table.rowCount() == 0 and headers(table) == ["Epoch", "Loss"]
-    dock._on_log("epoch", "epoch 1", {"epoch": 1, "loss": 0.5, "val_kappa": 0.25, "val_dice_score": 0.5})
+    dock.run_tab.on_log("epoch", "epoch 1", {"epoch": 1, "loss": 0.5, "val_kappa": 0.25, "val_dice_score": 0.5})
     assert headers(table) == ["Epoch", "Loss", "Val kappa", "Val dice score"]  # readable fallback labels
     assert rows(table) == [["1", "0.5000", "0.2500", "0.5000"]]
 
 
 def test_the_change_finetune_table_keeps_its_look(dock) -> None:
-    table = dock.epoch_table
+    table = dock.run_tab.epoch_table
     for epoch in (1, 2):
         record = {"epoch": epoch, "loss": 0.5 / epoch, "val_precision": 0.7, "val_recall": 0.6, "val_f1": 0.65}
         record |= {"val_iou": 0.48, "val_oa": 0.97, "val_kappa": 0.63}  # as the FILF trainer sends them
-        dock._on_log("epoch", f"epoch {epoch}/2", record)
+        dock.run_tab.on_log("epoch", f"epoch {epoch}/2", record)
     assert headers(table) == ["Epoch", "Loss", "Val F1", "Val IoU"]
     assert rows(table) == [["1", "0.5000", "0.6500", "0.4800"], ["2", "0.2500", "0.6500", "0.4800"]]
-    dock._on_log("info", "not an epoch", {"epoch": 3, "loss": 0.1})
+    dock.run_tab.on_log("info", "not an epoch", {"epoch": 3, "loss": 0.1})
     assert table.rowCount() == 2
 
 

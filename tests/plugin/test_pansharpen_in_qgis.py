@@ -20,7 +20,8 @@ from qgis.core import QgsApplication, QgsProcessingException, QgsProcessingFeedb
 from qgis.gui import QgsSpinBox
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox
 
-from rs_peft_qgis.forms import AdapterPicker, LayerPicker
+from rs_peft_qgis.forms.adapter_picker import AdapterPicker
+from rs_peft_qgis.forms.widgets import LayerPicker
 from rs_peft_qgis.processing.algorithm import ADAPTER, METRICS, OUTPUT_FOLDER
 from rs_peft_qgis.processing.provider import PROVIDER_ID, RsPeftProvider
 from rs_peft_qgis.session import SESSION
@@ -134,31 +135,32 @@ def test_processing_pansharpens_onto_the_pan_grid(provider, tmp_path: Path) -> N
 
 
 def test_dock_lists_pansharpening_and_runs_it(dock, tmp_path: Path) -> None:
-    tasks = {dock.task_combo.itemData(i): dock.task_combo.itemText(i) for i in range(dock.task_combo.count())}
+    combo = dock.run_tab.task_combo
+    tasks = {combo.itemData(i): combo.itemText(i) for i in range(combo.count())}
     assert tasks.get("pansharpen") == "Pansharpening"
-    dock.set_task("pansharpen")
-    titles = [dock.job_combo.itemText(i) for i in range(dock.job_combo.count())]
+    dock.run_tab.set_task("pansharpen")
+    titles = [dock.run_tab.job_combo.itemText(i) for i in range(dock.run_tab.job_combo.count())]
     assert "Pansharpen (classical: Brovey / GSA / MTF-GLP-HPM)" in titles and "Evaluate pansharpening" in titles
     pan = QgsRasterLayer(str(PAN), "pan", "gdal")
     ms = QgsRasterLayer(str(MS), "ms", "gdal")
     QgsProject.instance().addMapLayers([pan, ms])
     for name in ("pansharpen.classic", "pansharpen.evaluate"):
-        dock.set_job(name)
-        form = dock.form
+        dock.run_tab.set_job(name)
+        form = dock.run_tab.form
         assert isinstance(form.widgets["pan"], LayerPicker) and isinstance(form.widgets["ms"], LayerPicker)
         assert isinstance(form.widgets["sensor"], QComboBox) and form.value("sensor") == "generic"
         ratio = form.widgets["ratio"]
         assert isinstance(ratio, QgsSpinBox) and ratio.specialValueText() == "auto" and form.value("ratio") is None
-    dock.set_job("pansharpen.classic")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.classic")
+    form = dock.run_tab.form
     form.set_value("pan", pan)
     form.set_value("ms", ms)
     form.set_value("out_dir", str(tmp_path))
-    task = dock.run()
+    task = dock.runner.run()
     assert task is not None
-    wait_until(lambda: dock.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+    wait_until(lambda: dock.runner.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
     assert task.outcome["status"] == "finished", task.outcome
-    (layer,) = dock.last_layers
+    (layer,) = dock.runner.last_layers
     assert layer.crs() == pan.crs() and layer.extent() == pan.extent() and layer.bandCount() == 4
     assert Path(layer.source()).name == "classic_mtf_glp_hpm.tif"  # the dock names outputs after the verb
 
@@ -204,10 +206,13 @@ def test_processing_applies_the_adapter_onto_the_pan_grid(panadapter, tmp_path: 
 
 def test_dock_finetunes_a_panadapter_adapter_and_offers_it(dock) -> None:
     pan, ms = add(PAN, "pan"), add(MS, "ms")
-    dock.set_task("pansharpen")
-    dock.set_job("pansharpen.finetune")
-    form = dock.form
-    assert dock.job_combo.currentText() == "Fine-tune a PanAdapter adapter" and not dock.epoch_table.isHidden()
+    dock.run_tab.set_task("pansharpen")
+    dock.run_tab.set_job("pansharpen.finetune")
+    form = dock.run_tab.form
+    assert (
+        dock.run_tab.job_combo.currentText() == "Fine-tune a PanAdapter adapter"
+        and not dock.run_tab.epoch_table.isHidden()
+    )
     # The fast settings are advanced ones: the backbone is a choice, the random weights a check box.
     assert isinstance(form.widgets["backbone"], QComboBox) and isinstance(
         form.widgets["allow_random_backbone"], QCheckBox
@@ -219,16 +224,16 @@ def test_dock_finetunes_a_panadapter_adapter_and_offers_it(dock) -> None:
     form.set_value("overwrite", True)
     for name, value in FAST_PANADAPTER.items():
         form.set_value(name, value)
-    task = dock.run()
-    assert task is not None, dock.message.text()
-    wait_until(lambda: dock.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+    task = dock.runner.run()
+    assert task is not None, dock.run_tab.message.text()
+    wait_until(lambda: dock.runner.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
     assert task.outcome["status"] == "finished", task.outcome
     assert task.params["pan"] == str(PAN) and task.params["ms"] == str(MS)
     assert task.params["backbone"] == "tiny" and task.params["allow_random_backbone"] is True
     metrics = task.outcome["metrics"]
     assert metrics["adapter"] == "dock-pansharpen"
     # One row per epoch, in stage order, with the stage and validation Q2n columns.
-    table = dock.epoch_table
+    table = dock.run_tab.epoch_table
     headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
     assert headers[:4] == ["Epoch", "Stage", "Loss", "Val Q2n"], headers
     rows = epoch_rows(table)
@@ -239,29 +244,29 @@ def test_dock_finetunes_a_panadapter_adapter_and_offers_it(dock) -> None:
     assert float(best["Val Q2n"]) == pytest.approx(max(q2n), abs=1e-4) == pytest.approx(metrics["val_q2n"], abs=1e-4)
     # The summary names the best epoch and its stage.
     summary = f"best epoch {metrics['best_epoch']} of {STAGE_TEXT[metrics['best_stage']]}"
-    assert f"Adapter 'dock-pansharpen' saved to the library · {summary}" in dock.log.toPlainText()
-    assert f"Best: stage {metrics['best_stage']}, epoch {metrics['best_epoch']}" in dock.log.toPlainText()
+    assert f"Adapter 'dock-pansharpen' saved to the library · {summary}" in dock.run_tab.log.toPlainText()
+    assert f"Best: stage {metrics['best_stage']}, epoch {metrics['best_epoch']}" in dock.run_tab.log.toPlainText()
     # The new adapter appears in the apply form's picker, already selected; "Apply now" switches to it.
-    apply = dock.forms["pansharpen.apply"]
+    apply = dock.run_tab.forms["pansharpen.apply"]
     picker = apply.adapter_picker
     assert isinstance(picker, AdapterPicker)
     wait_until(lambda: "dock-pansharpen" in picker.names(), timeout_milliseconds=60_000)
     assert apply.value("adapter") == "dock-pansharpen"
     tooltip = picker.combo.itemData(picker.combo.findData("dock-pansharpen"), 3)  # Qt.ToolTipRole
     assert "(panadapter)" in tooltip and "Backbone: tiny" in tooltip and "EPSG:32631" in tooltip
-    assert dock.apply_now_button is not None
-    dock.apply_now_button.click()
-    assert dock.job.name == "pansharpen.apply" and dock.form.value("adapter") == "dock-pansharpen"
-    assert dock.form.value("pan") is pan and dock.form.value("ms") is ms  # the rasters came along
+    assert dock.runner.apply_now_button is not None
+    dock.runner.apply_now_button.click()
+    assert dock.run_tab.job.name == "pansharpen.apply" and dock.run_tab.form.value("adapter") == "dock-pansharpen"
+    assert dock.run_tab.form.value("pan") is pan and dock.run_tab.form.value("ms") is ms  # the rasters came along
 
 
 def test_dock_applies_a_panadapter_adapter_onto_the_pan_grid(dock, panadapter, tmp_path: Path) -> None:
     name = panadapter[0][ADAPTER]
     pan, ms = add(PAN, "pan"), add(MS, "ms")
-    dock.set_job("pansharpen.apply")
-    form = dock.form
+    dock.run_tab.set_job("pansharpen.apply")
+    form = dock.run_tab.form
     picker = form.adapter_picker
-    dock.refresh_adapters()
+    dock.library.refresh()
     wait_until(lambda: name in picker.names(), timeout_milliseconds=JOB_TIMEOUT_MS)
     form.set_value("adapter", name)
     form.set_value("pan", pan)
@@ -269,12 +274,12 @@ def test_dock_applies_a_panadapter_adapter_onto_the_pan_grid(dock, panadapter, t
     form.set_value("out_dir", str(tmp_path))
     form.set_value("device", "cpu")
     layers_before = set(QgsProject.instance().mapLayers())
-    task = dock.run()
-    assert task is not None, dock.message.text()
-    wait_until(lambda: dock.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
+    task = dock.runner.run()
+    assert task is not None, dock.run_tab.message.text()
+    wait_until(lambda: dock.runner.current_task is None, timeout_milliseconds=JOB_TIMEOUT_MS)
     assert task.outcome["status"] == "finished", task.outcome
     assert task.params["adapter"] == name
-    (layer,) = dock.last_layers
+    (layer,) = dock.runner.last_layers
     assert set(QgsProject.instance().mapLayers()) == layers_before | {layer.id()}
     group = next(
         g for g in QgsProject.instance().layerTreeRoot().findGroups() if g.name().startswith("Pansharpen (PanAdapter")

@@ -1,0 +1,31 @@
+"""The panel's Inspect tab: review change polygons (accept / reject, export as labels) and compare the
+before and after layers (toggle or swipe)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qgis.core import QgsMapLayer, QgsVectorLayer
+from qgis.PyQt.QtWidgets import QVBoxLayout, QWidget
+
+from rs_peft_qgis.compare import CompareWidget
+from rs_peft_qgis.inspection import ChangeInspector
+
+
+class InspectTab(QWidget):
+    def __init__(self, iface: Any, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.compare = CompareWidget(iface, self)
+        self.inspector = ChangeInspector(iface, self)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.compare, 0)
+        layout.addWidget(self.inspector, 1)
+
+    def show_changes(self, polygons: QgsVectorLayer, inputs: dict[str, QgsMapLayer]) -> None:
+        """Review `polygons`; compare the job's before/after layers (`inputs` by parameter name)."""
+        if inputs.get("before") and inputs.get("after"):
+            self.compare.set_layers(inputs["before"], inputs["after"])
+        self.inspector.set_layer(polygons)
+
+    def stop(self) -> None:
+        self.compare.stop_swipe()  # gives the map tool back and shows the hidden layer again
