@@ -17,8 +17,9 @@ import traceback
 from typing import Any
 
 from backend import protocol as P
+from backend.context import JobContext
 from backend.jobs import JOBS
-from backend.jobs.base import JobContext, JobSpec, run_job, to_job_error
+from backend.jobs.base import JobSpec, run_job, to_job_error
 
 BAD_INPUT_CODES = {P.INVALID_INPUT, P.MISSING_WEIGHTS}
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["metavar"] = p.name.upper()
-            if p.choices:
+            if p.choices and not p.editable:
                 kwargs["choices"] = p.choices
             jp.add_argument(p.flag, required=p.required, **kwargs)
         jp.add_argument("--json", action="store_true", help="print the result (outputs, metrics) as one JSON object")

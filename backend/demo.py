@@ -67,10 +67,12 @@ def write_preview(before: Path, after: Path, masks: list[Path], reference: Path 
 
 def finetune_filf(out_dir: Path, minutes_hint: str) -> dict:
     """Fine-tune FILF on the bundled labelled 256² crops with the job's training core (several pairs)."""
+    from backend.context import JobContext
     from backend.io.raster import RasterSource
     from backend.jobs import JOBS
-    from backend.jobs.base import JobContext
-    from backend.jobs.change_filf import train_adapter
+    from backend.jobs.finetune import train_and_save
+    from backend.methods.filf import SPEC as FILF
+    from backend.methods.filf.spec import training_on
     from backend.training.change_data import load_training_area
 
     def files(name: str) -> tuple[str, str, str]:
@@ -97,7 +99,7 @@ def finetune_filf(out_dir: Path, minutes_hint: str) -> dict:
             **DEMO_TRAINING,
         }
     )
-    return train_adapter(ctx, areas, dtype, bands, p).metrics
+    return train_and_save(FILF, ctx, p, training_on(areas, dtype, bands, p)).metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,29 @@ def load_registry(path: Path | None = None) -> dict[str, ModelEntry]:
     return entries
 
 
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a job builds a frozen backbone from: its family (module), variant and expected input."""
+
+    name: str
+    family: str
+    variant: str
+    input: dict[str, Any]
+    has_checkpoint: bool  # False for the randomly initialised miniatures of tests and the demo
+
+
+def backbone_info(name: str, path: Path | None = None) -> BackboneInfo:
+    """Family, variant and input spec of a registry model or miniature (ValueError if unknown)."""
+    data = json.loads((path or registry_path()).read_text(encoding="utf-8"))
+    for raw in data["models"]:
+        if raw["name"] == name:
+            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"], True)
+    for raw in data.get("miniatures", []):
+        if raw["name"] == name:
+            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"], False)
+    raise ValueError(f"There is no backbone named '{name}' in the weights registry.")
+
+
 def get_entry(name: str) -> ModelEntry:
     entries = load_registry()
     if name not in entries:

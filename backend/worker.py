@@ -20,8 +20,9 @@ from typing import Any, TextIO
 
 from backend import adapters, weights
 from backend import protocol as P
+from backend.context import Cancelled, JobContext
 from backend.jobs import JOBS, SERVICE_JOBS
-from backend.jobs.base import Cancelled, JobContext, JobSpec, run_job, to_job_error
+from backend.jobs.base import JobSpec, run_job, to_job_error
 
 log = logging.getLogger("backend")
 

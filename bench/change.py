@@ -2,7 +2,7 @@
 
 Training: the same FILF model and input trained two ways, each in a fresh process so its peak memory is its
 own: PEFT (as built: only LoRA and the decoder train) and full fine-tuning (every parameter trains). A step
-is the recipe's forward + loss + backward + Adam step (TrainConfig: lr 2.8e-4, class-balanced loss).
+is the recipe's forward + loss + backward + Adam step (change.finetune defaults: lr 2.8e-4, class-balanced loss).
 Detection: the real change.detect job on a georeferenced pair (default: the bundled 1024² LEVIR-CD test_1)
 with an adapter saved first into a temporary library. The encoder has random weights (cost depends on the
 architecture, not on the checkpoint).
@@ -36,10 +36,12 @@ import torch
 
 from backend import adapters, weights
 from backend.adapters import AdapterMeta
-from backend.jobs.change_filf import METHOD, RANDOM_BACKBONE_SEED, build_model
-from backend.methods.filf import BACKBONES, build_filf
+from backend.jobs import JOBS
+from backend.methods.filf import SPEC as FILF
+from backend.methods.filf import build_filf
+from backend.methods.filf.training import change_loss
+from backend.methods.spec import RANDOM_BACKBONE_SEED
 from backend.models.peft.freeze import count_parameters
-from backend.training.trainer import TrainConfig, change_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -99,14 +101,15 @@ def measure_training(
     if checkpointing:
         model.enable_activation_checkpointing()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    recipe = TrainConfig()
-    optimizer = torch.optim.Adam(trainable, lr=recipe.lr)
+    finetune = JOBS["change.finetune"]
+    lr, balance = finetune.param("lr").default, finetune.param("balance_classes").default
+    optimizer = torch.optim.Adam(trainable, lr=lr)
     x1, x2 = (torch.randn(batch, 3, patch, patch, device=device) for _ in range(2))
     label = torch.randint(0, 2, (batch, patch, patch), dtype=torch.uint8, device=device)
 
-    def step() -> None:  # the order of fit_change: the previous gradients live through the forward
+    def step() -> None:  # the order of the training loop: the previous gradients live through the forward
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = change_loss(model(x1, x2).float(), label, recipe.balance_classes)
+            loss = change_loss(model(x1, x2).float(), label, balance)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,8 +143,9 @@ def measure_detection(before: str, after: str, tile: int, batch: int, device: st
     """The change.detect job with the library adapter ADAPTER: wall time, megapixels per second, peak memory."""
     import rasterio
 
+    from backend.context import JobContext
     from backend.jobs import JOBS
-    from backend.jobs.base import JobContext, run_job
+    from backend.jobs.base import run_job
 
     spec = JOBS["change.detect"]
     params = {"before": before, "after": after, "adapter": ADAPTER, "out_dir": out_dir}
@@ -166,7 +170,7 @@ def save_adapter(backbone: str, rank: int, patch: int) -> dict[str, Any]:
     entry = weights.load_registry().get(backbone)
     norm = {k: entry.input[k] for k in ("mean", "std")} if entry else {"mean": [127.5] * 3, "std": [64.0] * 3}
     meta = AdapterMeta(
-        method=METHOD,
+        method=FILF.name,
         backbone=backbone,
         checkpoint_sha256=None,
         bands=[1, 2, 3],
@@ -174,7 +178,8 @@ def save_adapter(backbone: str, rank: int, patch: int) -> dict[str, Any]:
         classes=["no change", "change"],
         config={"rank": rank, "mode": "bcd", "patch_size": patch, "random_backbone_seed": RANDOM_BACKBONE_SEED},
     )
-    folder = adapters.save(ADAPTER, build_model(backbone, rank, None).adapter_state_dict(), meta, overwrite=True)
+    model = FILF.build(backbone, meta.config, 3, {})
+    folder = adapters.save(ADAPTER, model.adapter_state_dict(), meta, overwrite=True)
     return {"adapter_path": str(folder)}
 
 
@@ -196,7 +201,7 @@ def run_child(kind: str, kwargs: dict[str, Any], env: dict[str, str] | None = No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="mobile_sam", choices=list(BACKBONES))
+    parser.add_argument("--backbone", default="mobile_sam", choices=list(FILF.backbones))
     parser.add_argument("--patch", type=int, default=256, help="training patch and detection tile size")
     parser.add_argument("--batch", type=int, default=8, help="training pairs per step")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
@@ -273,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             "rank": args.rank,
             "device": device,
             "dtype": dtype,
-            "lr": TrainConfig().lr,
-            "balance_classes": TrainConfig().balance_classes,
+            "lr": JOBS["change.finetune"].param("lr").default,
+            "balance_classes": JOBS["change.finetune"].param("balance_classes").default,
             "detect_batch": args.detect_batch,
             "detect_dtype": "bf16" if device == "cuda" else "fp32",
             "detect_pair": [str(args.before), str(args.after)],

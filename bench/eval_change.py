@@ -68,10 +68,13 @@ def scores(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
 
 
 def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> dict:
+    from backend.context import JobContext
     from backend.io.raster import RasterSource
     from backend.jobs import JOBS
-    from backend.jobs.base import JobContext, run_job
-    from backend.jobs.change_filf import train_adapter
+    from backend.jobs.base import run_job
+    from backend.jobs.finetune import train_and_save
+    from backend.methods.filf import SPEC as FILF
+    from backend.methods.filf.spec import training_on
     from backend.training.change_data import load_training_area
 
     root, suffix, train, held = pairs(data, group)
@@ -79,7 +82,7 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
     def files(name: str) -> tuple[str, str, str]:
         return tuple(str(root / part / f"{name}{suffix}") for part in ("A", "B", "label"))  # type: ignore[return-value]
 
-    ctx = JobContext(on_log=lambda level, msg: print(f"  [{group}] {msg}", file=sys.stderr))
+    ctx = JobContext(on_log=lambda level, msg, data=None: print(f"  [{group}] {msg}", file=sys.stderr))
     areas = [load_training_area(*files(n), warnings=ctx.warnings, require_change=False) for n in train]
     with RasterSource(files(train[0])[0]) as src:
         dtype, bands = src.dtype, src.bands
@@ -102,7 +105,7 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
         }
     )
     # The job takes one pair; several labelled pairs go through the same training core.
-    result = train_adapter(ctx, areas, dtype, bands, p)
+    result = train_and_save(FILF, ctx, p, training_on(areas, dtype, bands, p))
     random_backbone = any("randomly initialised" in w for w in ctx.warnings)
     totals = {"filf": np.zeros(4, np.int64), "cva": np.zeros(4, np.int64)}
     for name in held:

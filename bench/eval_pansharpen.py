@@ -150,7 +150,7 @@ def fit_patch(half: Half, ratio: int, val_fraction: float = 0.2) -> int:
     The job learns at reduced resolution, where the half's PAN is as large as its MS; it keeps a strip of
     `val_fraction` of the longer side, of whole ratios and at least one patch, for validation.
     """
-    from backend.training.pansharpen import validation_size
+    from backend.methods.panadapter.training import validation_size
 
     short, long = sorted((half.r1 - half.r0, half.c1 - half.c0))
     for patch in (64, 48, 32, 16):
@@ -315,8 +315,8 @@ def classical(
 
 def run_job(name: str, params: dict[str, Any], log: Callable[[str], None]) -> tuple[Any, list[str]]:
     """One real job, in-process, the way the worker runs it; (result, warnings)."""
+    from backend.context import JobContext
     from backend.jobs import JOBS
-    from backend.jobs.base import JobContext
     from backend.jobs.base import run_job as run
 
     spec = JOBS[name]

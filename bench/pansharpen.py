@@ -30,9 +30,11 @@ import torch
 
 from backend import adapters
 from backend.adapters import AdapterMeta
+from backend.context import JobContext
 from backend.jobs import JOBS
-from backend.jobs.base import JobContext, run_job
-from backend.jobs.pansharpen_panadapter import BACKBONES, METHOD, RANDOM_BACKBONE_SEED, build_model
+from backend.jobs.base import run_job
+from backend.methods.panadapter import SPEC as PANADAPTER
+from backend.methods.spec import RANDOM_BACKBONE_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -62,7 +64,7 @@ def run(job: str, **params: Any) -> tuple[float, Any]:
 
 def time_steps(backbone: str, bands: int, ratio: int, args: argparse.Namespace, device: str) -> dict[str, Any]:
     """Seconds per training step of each stage (autocast as the trainer uses it, or as --dtype asks)."""
-    model = build_model(backbone, bands, ratio, None, None).to(device)
+    model = PANADAPTER.build(backbone, {"ratio": ratio}, bands, {}).to(device)
     amp = args.dtype == "bf16"
     ms_up = torch.rand(args.batch, bands, args.patch, args.patch, device=device)
     pan = torch.rand(args.batch, 1, args.patch, args.patch, device=device)
@@ -99,7 +101,7 @@ def time_steps(backbone: str, bands: int, ratio: int, args: argparse.Namespace, 
 def main(argv: list[str] | None = None) -> int:
     pan_default, ms_default = default_pair()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="ipt", choices=list(BACKBONES))
+    parser.add_argument("--backbone", default="ipt", choices=list(PANADAPTER.backbones))
     parser.add_argument("--pan", type=Path, default=pan_default)
     parser.add_argument("--ms", type=Path, default=ms_default)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -120,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RS_PEFT_QGIS_ADAPTER_DIR"] = str(work / "adapters")
     common = {"pan": str(args.pan), "ms": str(args.ms)}
     try:
-        model = build_model(args.backbone, bands, ratio, None, None)
+        model = PANADAPTER.build(args.backbone, {"ratio": ratio}, bands, {})
         meta = AdapterMeta(
-            METHOD,
+            PANADAPTER.name,
             args.backbone,
             None,
             list(range(1, bands + 1)),

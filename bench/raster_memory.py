@@ -33,7 +33,8 @@ STRIP = 512
 CHILD = """
 import json, sys, time
 from backend.jobs import JOBS
-from backend.jobs.base import JobContext, run_job
+from backend.context import JobContext
+from backend.jobs.base import run_job
 spec = JOBS["change.cva"]
 params = spec.validate(json.loads(sys.argv[1]))
 t0 = time.perf_counter()

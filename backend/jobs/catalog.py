@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from backend.io.pairs import RATIO_TOLERANCE
 from backend.jobs import JOBS
-from backend.jobs.base import JobSpec, Param
+from backend.jobs.base import JobSpec
+from backend.methods.spec import METHODS
+from backend.params import Param
 
-FORMAT = 1
+FORMAT = 2
 # Task ids (the part of a job name before the dot) and the words the analyst sees for them.
 TASKS = {
     "change": "Change detection",
@@ -22,6 +25,8 @@ TASKS = {
     "objects": "Object segmentation",
     "landcover": "Land-cover mapping",
 }
+# Task-specific constants the plugin's form hooks need (the backend's own rules, not copies).
+HINTS: dict[str, dict[str, Any]] = {"pansharpen": {"ratio_tolerance": RATIO_TOLERANCE}}
 KINDS = {"raster", "vector", "polygons", "layer", "folder", "adapter", "field", "bands"}
 _PLAIN_KIND = {str: "string", int: "int", float: "float", bool: "bool", list: "ints"}
 
@@ -35,6 +40,12 @@ def param_entry(p: Param) -> dict[str, Any]:
         "required": p.required,
         "default": p.default,
         "choices": list(p.choices) if p.choices else None,
+        "editable": p.editable,
+        "minimum": p.minimum,
+        "maximum": p.maximum,
+        "step": p.step,
+        "group": p.group,
+        "prominent": p.prominent,
         "help": p.help,
     }
 
@@ -46,13 +57,28 @@ def job_entry(spec: JobSpec) -> dict[str, Any]:
         "summary": spec.summary,
         "params": [param_entry(p) for p in spec.params],
         "outputs": [{"key": o.key, "kind": o.kind, "description": o.description} for o in spec.outputs],
+        "method": spec.method,
+        "stages": dict(spec.stages),
     }
 
 
+def task_title(task: str) -> str:
+    if task in TASKS:
+        return TASKS[task]
+    method = next((m for m in METHODS.values() if m.task == task), None)
+    return method.task_title if method and method.task_title else task.capitalize()
+
+
 def catalog() -> dict[str, Any]:
+    ids = list(dict.fromkeys([*TASKS, *(name.split(".")[0] for name in JOBS)]))
     tasks = [
-        {"id": task, "title": title, "jobs": [name for name in JOBS if name.split(".")[0] == task]}
-        for task, title in TASKS.items()
+        {
+            "id": task,
+            "title": task_title(task),
+            "jobs": [name for name in JOBS if name.split(".")[0] == task],
+            "hints": HINTS.get(task, {}),
+        }
+        for task in ids
     ]
     return {
         "format": FORMAT,

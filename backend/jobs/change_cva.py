@@ -14,40 +14,65 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from scipy import ndimage
 
+from backend.context import JobContext, prepare_out_dir
+from backend.io.maps import MapOutputs, stack_reader
 from backend.io.raster import Grid, RasterSource, overlap_grid, require_same_band_count
 from backend.io.rasterize import restrict_to_aoi
 from backend.io.tiling import TileSpec, block_windows, run_tiled
 from backend.io.writer import GeoTiffWriter
-from backend.jobs.base import JobContext, JobSpec, Param, prepare_out_dir
-from backend.jobs.change_outputs import DECLARED, MAP_INPUTS, ChangeOutputs, pair_reader
+from backend.jobs.base import JobSpec
+from backend.methods.cva import magnitude, otsu_threshold, smoothing_radius
+from backend.methods.filf.spec import CHANGE
+from backend.params import (
+    AFTER,
+    AOI,
+    BANDS,
+    BATCH_SIZE,
+    BEFORE,
+    MIN_AREA_M2,
+    NAME,
+    OUT_DIR,
+    OVERLAP,
+    REFERENCE,
+    SIMPLIFY,
+    TILE_SIZE,
+    Param,
+)
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 HIST_BINS = 2048
-GAUSS_TRUNCATE = 3.0
 
 PARAMS = (
-    *MAP_INPUTS,
-    Param("bands", list, "Bands to compare, e.g. 1,2,3 (default: all).", kind="bands"),
-    Param("reference", str, "Optional reference change mask (non-zero = change) to score against.", kind="raster"),
-    Param("threshold", float, "Fixed magnitude threshold instead of Otsu's.", default=None),
-    Param("smooth", float, "Gaussian smoothing of the magnitude, sigma in pixels (0 = none).", default=1.0),
-    Param("min_area_m2", float, "Drop change polygons smaller than this (square metres).", default=0.0),
-    Param("simplify", float, "Simplify polygon outlines, tolerance in pixels (0 = exact pixel edges).", default=0.0),
-    Param("name", str, "Prefix of the output file names.", default="cva"),
-    Param("tile_size", int, "Tile size in pixels.", default=512),
-    Param("overlap", int, "Tile overlap in pixels.", default=64),
-    Param("batch_size", int, "Tiles processed together.", default=4),
+    BEFORE,
+    AFTER,
+    OUT_DIR,
+    AOI,
+    BANDS.but(help="Bands to compare, e.g. 1,2,3 (default: all)."),
+    REFERENCE.but(help="Optional reference change mask (non-zero = change) to score against."),
+    Param("threshold", float, "Fixed magnitude threshold instead of Otsu's.", minimum=0.0, maximum=1e9, step=0.05),
+    Param(
+        "smooth",
+        float,
+        "Gaussian smoothing of the magnitude, sigma in pixels (0 = none).",
+        default=1.0,
+        minimum=0.0,
+        maximum=1000.0,
+        step=0.5,
+    ),
+    MIN_AREA_M2.but(help="Drop change polygons smaller than this (square metres)."),
+    SIMPLIFY.but(help="Simplify polygon outlines, tolerance in pixels (0 = exact pixel edges)."),
+    NAME.but(default="cva"),
+    TILE_SIZE.but(default=512),
+    OVERLAP.but(default=64),
+    BATCH_SIZE.but(default=4, help="Tiles processed together."),
 )
 
 
 def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     ctx.protect_inputs(p["before"], p["after"], p["reference"])
     out_dir = prepare_out_dir(p["out_dir"])
-    if p["smooth"] < 0 or p["min_area_m2"] < 0 or p["simplify"] < 0:
-        raise JobError(INVALID_INPUT, "smooth, min_area_m2 and simplify cannot be negative.")
-    radius = int(GAUSS_TRUNCATE * p["smooth"] + 0.5) if p["smooth"] > 0 else 0
+    radius = smoothing_radius(p["smooth"])
     try:
         spec = TileSpec(p["tile_size"], max(p["overlap"], 2 * radius + 2), p["batch_size"], margin=radius)
     except ValueError as exc:
@@ -68,18 +93,13 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     before = RasterSource(p["before"], p["bands"], grid=grid, what="before")
     after = RasterSource(p["after"], p["bands"], grid=grid, resampling=Resampling.bilinear, what="after")
     with before, after, tempfile.TemporaryDirectory(dir=out_dir, prefix=f".partial-{ctx.job_id}-") as tmp:
-        read_pair = pair_reader(before, after, grid, aoi)
+        read_pair = stack_reader((before, after), grid, aoi)
 
         mean, std = _band_stats(ctx, grid, read_pair, before.count)
         nb = before.count
 
-        def magnitude(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
-            z = (batch - mean[None, :, None, None]) / std[None, :, None, None]
-            d = np.where(valid[:, None], z[:, nb:] - z[:, :nb], 0.0)
-            mag = np.sqrt(np.sum(d * d, axis=1))
-            if p["smooth"] > 0:
-                mag = np.stack([ndimage.gaussian_filter(m, p["smooth"], truncate=GAUSS_TRUNCATE) for m in mag])
-            return mag[:, None].astype(np.float32)
+        def tile_magnitude(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
+            return magnitude(batch, valid, mean, std, nb, p["smooth"])
 
         mag_path = Path(tmp) / "magnitude.tif"
         with GeoTiffWriter(mag_path, grid, 1, "float32", float("nan"), block=spec.stride) as mag_w:
@@ -87,7 +107,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
                 grid.height,
                 grid.width,
                 read_pair,
-                magnitude,
+                tile_magnitude,
                 mag_w.write,
                 1,
                 spec,
@@ -143,18 +163,6 @@ def _histogram(ctx: JobContext, mag_path: Path, block: int) -> tuple[np.ndarray,
     return hist, edges
 
 
-def otsu_threshold(hist: np.ndarray, edges: np.ndarray) -> float:
-    """Otsu's threshold: the bin edge that maximises the between-class variance."""
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist).astype(np.float64)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = np.divide(m0, w0, out=np.zeros_like(m0), where=w0 > 0)
-    mu1 = np.divide(m0[-1] - m0, w1, out=np.zeros_like(m0), where=w1 > 0)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
-
-
 def _write_outputs(
     ctx: JobContext, p: dict[str, Any], out_dir: Path, grid: Grid, mag_path: Path, threshold: float, block: int
 ) -> JobResult:
@@ -162,7 +170,9 @@ def _write_outputs(
     scale = max(threshold, 1e-6) / 4
     with (
         rasterio.open(mag_path) as mag_ds,
-        ChangeOutputs(ctx, out_dir, p["name"], grid, block, reference=p["reference"]) as outs,
+        MapOutputs(
+            ctx, out_dir, p["name"], grid, block, CHANGE, p["reference"], 0.5, p["simplify"], p["min_area_m2"]
+        ) as outs,
     ):
         wins = list(block_windows(grid.width, grid.height, block))
         for i, win in enumerate(wins):
@@ -171,7 +181,7 @@ def _write_outputs(
             mag = np.where(valid, mag, 0.0)
             outs.write(win, 1.0 / (1.0 + np.exp(-np.clip((mag - threshold) / scale, -60, 60))), valid)
             ctx.progress(0.75 + 0.15 * (i + 1) / len(wins), "writing outputs")
-    return outs.finish(p["simplify"], p["min_area_m2"], extra={"threshold": threshold})
+    return outs.finish(extra={"threshold": threshold})
 
 
 SPEC = JobSpec(
@@ -180,5 +190,5 @@ SPEC = JobSpec(
     PARAMS,
     run,
     title="Detect (CVA, no training)",
-    outputs=DECLARED,
+    outputs=CHANGE.declared(),
 )

@@ -24,11 +24,13 @@ import shapely
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from backend.context import JobContext
 from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid
 from backend.io.rasterize import PolygonBurner, read_polygons, restrict_to_aoi
 from backend.io.tiling import block_windows
-from backend.jobs.base import JobContext, JobSpec, Param
+from backend.jobs.base import JobSpec
 from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
+from backend.params import Param
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 BLOCK = 512

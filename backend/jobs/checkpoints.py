@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from backend import weights
-from backend.jobs.base import JobContext
+from backend.context import JobContext
 from backend.protocol import INVALID_INPUT, MISSING_WEIGHTS, JobError
 
 
 def backbone_checkpoint(backbone: str, allow_random: bool, ctx: JobContext) -> tuple[str | None, str | None]:
     """(checkpoint path, its SHA-256) of an installed backbone; (None, None) for an allowed random init."""
-    entries = weights.load_registry()
-    entry = entries.get(backbone)
+    entry = weights.load_registry().get(backbone)
     if entry is not None and weights.status(entry) == "installed":
         return str(weights.model_path(entry)), weights.installed_sha256(entry)
     if not allow_random:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from backend import weights
-from backend.jobs.base import JobContext, JobSpec, Param
+from backend.context import JobContext
+from backend.jobs.base import JobSpec
+from backend.params import Param
 from backend.protocol import JobResult
 
 

@@ -16,32 +16,40 @@ import math
 from typing import Any
 
 import numpy as np
-from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from backend.context import JobContext
+from backend.io.pairs import Pair, centre_window, fill_means, open_pair, read_window
 from backend.io.raster import Grid, RasterSource
 from backend.io.rasterize import restrict_to_aoi
-from backend.jobs.base import JobContext, JobSpec, Param
-from backend.jobs.pansharpen_classic import (
-    METHOD_TITLES,
-    METHODS,
+from backend.jobs.base import JobSpec
+from backend.jobs.pansharpen_classic import METHOD_TITLES, METHODS
+from backend.methods.pansharpening_classic import (
+    MS_BANDS,
+    PAN,
     RATIO,
     SENSOR,
-    Pair,
-    open_pair,
+    brovey,
+    gsa,
+    mtf_glp_hpm,
     sensor_gains,
+    upsample,
+    wald_protocol,
 )
-from backend.methods.pansharpening_classic import brovey, gsa, mtf_glp_hpm, upsample, wald_protocol
 from backend.metrics.pansharpening import full_resolution_metrics, reduced_resolution_metrics
+from backend.params import AOI, Param
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
-MIN_MS_PIXELS = 8  # per side of the twice-degraded MS (window / ratio^2): less leaves nothing to interpolate
-MAX_INVALID = 0.5  # above this fraction of nodata in the window the scores would mean little
-
 PARAMS = (
-    Param("pan", str, "Panchromatic raster (one band).", required=True, kind="raster"),
-    Param("ms", str, "Multispectral raster (any CRS; read onto the PAN's grid).", required=True, kind="raster"),
+    PAN.but(help="Panchromatic raster (one band)."),
+    Param(
+        "ms",
+        str,
+        "Multispectral raster (any CRS; read onto the PAN's grid).",
+        required=True,
+        kind="raster",
+    ),
     Param(
         "fused",
         str,
@@ -55,16 +63,20 @@ PARAMS = (
         "next to plain interpolation (EXP); none = only the fused raster.",
         default="none",
         choices=(*METHODS, "none"),
+        prominent=True,
     ),
     SENSOR,
     RATIO,
-    Param("ms_bands", list, "MS bands to evaluate, e.g. 1,2,3 (default: all).", kind="bands"),
-    Param("aoi", str, "Polygon layer: evaluate inside its bounding box (default: the whole overlap).", kind="polygons"),
+    MS_BANDS.but(help="MS bands to evaluate, e.g. 1,2,3 (default: all)."),
+    AOI.but(help="Polygon layer: evaluate inside its bounding box (default: the whole overlap)."),
     Param(
         "max_size",
         int,
         "Side of the evaluated window in PAN pixels (its centre part when the area is larger).",
         default=1024,
+        minimum=64,
+        maximum=16384,
+        step=64,
     ),
 )
 
@@ -76,7 +88,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
             INVALID_INPUT,
             "Nothing to evaluate: choose a method, or give a pansharpened raster (fused) to score.",
         )
-    pair = open_pair(ctx, p["pan"], p["ms"], p["ms_bands"], p["ratio"])
+    pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warnings)
     r = pair.ratio
     gains = sensor_gains(p["sensor"], pair.bands)
     grid = pair.overlap()
@@ -93,7 +105,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         "centre (max_size sets the window)."
     )
     ctx.progress(0.05, "reading")
-    pan, ms = read_window(ctx, pair, pan_grid)
+    pan, ms = read_window(pair, pan_grid, ctx.warnings)
 
     metrics: dict[str, Any] = {}
     if method != "none":
@@ -146,67 +158,6 @@ def _fuse(method: str, pan: np.ndarray, ms_up: np.ndarray, ms: np.ndarray, ratio
     return mtf_glp_hpm(pan, ms_up, ratio, gains)
 
 
-def centre_window(grid: Grid, pair: Pair, max_size: int) -> Window:
-    """The centre window of the grid: at most max_size per side, whole MS pixels, a multiple of ratio^2."""
-    r = pair.ratio
-    step = r * r  # the reference MS (window / r) must itself be divisible by r for Wald's degradation
-    need = MIN_MS_PIXELS * step
-    if max_size < need:
-        raise JobError(INVALID_INPUT, f"max_size must be at least {need} PAN pixels at ratio {r}.")
-    phase = pair.ms_origin_phase(grid)
-    sizes = []
-    for length, ph in ((grid.height, phase[0]), (grid.width, phase[1])):
-        usable = length - ph  # start on an MS pixel corner
-        size = min(max_size, usable) // step * step
-        if size < need:
-            raise JobError(
-                INVALID_INPUT,
-                f"The area to evaluate is only {grid.width} x {grid.height} PAN pixels; at ratio {r} the "
-                f"evaluation needs at least {need} x {need}.",
-                "Use a larger area of interest (or larger rasters).",
-            )
-        start = ph + (usable - size) // 2 // r * r
-        sizes.append((start, size))
-    (row, h), (col, w) = sizes
-    return Window(col, row, w, h)
-
-
-def ms_scale_grid(pan_grid: Grid, ratio: int) -> Grid:
-    """The grid of MS pixels covering `pan_grid` (ratio x ratio PAN pixels each)."""
-    return Grid(
-        pan_grid.crs, pan_grid.transform * Affine.scale(ratio), pan_grid.width // ratio, pan_grid.height // ratio
-    )
-
-
-def _fill(ctx: JobContext, data: np.ndarray, valid: np.ndarray, what: str) -> np.ndarray:
-    """Nodata pixels filled with the band means (the indices need whole arrays), with a warning."""
-    bad = float(1.0 - valid.mean())
-    if bad == 0:
-        return data.astype(np.float64)
-    if bad > MAX_INVALID:
-        raise JobError(
-            INVALID_INPUT,
-            f"{100 * bad:.0f} % of the {what} in the evaluation window is nodata; the scores would mean little.",
-            "Choose an area of interest where the PAN and MS hold data.",
-        )
-    ctx.warn(f"{100 * bad:.1f} % of the {what} in the evaluation window is nodata; it is filled with band means.")
-    out = data.astype(np.float64)
-    for b in range(out.shape[0]):
-        out[b][~valid] = out[b][valid].mean()
-    return out
-
-
-def read_window(ctx: JobContext, pair: Pair, pan_grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """PAN on its own grid and MS on its native pixels (resampled only when its grid does not nest)."""
-    full = Window(0, 0, pan_grid.width, pan_grid.height)
-    with RasterSource(pair.pan, grid=pan_grid, what="PAN") as src:
-        pan, pvalid = src.read(full)
-    ms_grid = ms_scale_grid(pan_grid, pair.ratio)
-    with pair.ms_reader(ms_grid, Resampling.cubic) as src:
-        ms, mvalid = src.read(Window(0, 0, ms_grid.width, ms_grid.height))
-    return _fill(ctx, pan, pvalid, "PAN")[0], _fill(ctx, ms, mvalid, "MS")
-
-
 def _read_fused(ctx: JobContext, path: str, pan_grid: Grid, pair: Pair) -> np.ndarray:
     with RasterSource(path, grid=pan_grid, resampling=Resampling.cubic, what="fused") as src:
         if src.count != pair.bands:
@@ -216,7 +167,7 @@ def _read_fused(ctx: JobContext, path: str, pan_grid: Grid, pair: Pair) -> np.nd
                 "Give the pansharpened result of these MS bands (or choose the same bands with ms_bands).",
             )
         data, valid = src.read(Window(0, 0, pan_grid.width, pan_grid.height))
-    return _fill(ctx, data, valid, "fused raster")
+    return fill_means(data, valid, "fused raster", ctx.warnings)
 
 
 SPEC = JobSpec(

@@ -18,6 +18,9 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage, optimize
 
+from backend.params import OutputDecl, Param
+from backend.protocol import INVALID_INPUT, JobError
+
 
 @dataclass(frozen=True)
 class SensorMTF:
@@ -403,3 +406,44 @@ def mtf_glp_hpm(
         modulation = np.divide(pan_in, low, out=np.ones_like(low), where=low > 1e-12)
         out[g == gain] *= modulation[None]
     return out
+
+
+def sensor_gains(sensor: str, bands: int) -> np.ndarray:
+    """The MS bands' MTF gains, or a clear error when the sensor does not fit the band count."""
+    try:
+        return band_gains(sensor, bands)
+    except ValueError as exc:
+        raise JobError(
+            INVALID_INPUT,
+            str(exc),
+            "Choose the MS bands that match the sensor (ms_bands), or sensor 'generic'.",
+        ) from None
+
+
+# --- the parameters every pansharpening job declares -----------------------------------------------------------
+SENSOR = Param(
+    "sensor",
+    str,
+    "Sensor of the MS, for its MTF filters (QB = QuickBird, WV2/WV3 = WorldView-2/3); generic for others.",
+    default="generic",
+    choices=(*(k for k in SENSORS if k != "generic"), "generic"),
+    prominent=True,
+)
+RATIO = Param(
+    "ratio",
+    int,
+    "MS pixel size / PAN pixel size (2, 4 …); auto = detected from the two grids.",
+    minimum=2,
+    maximum=64,
+    step=1,
+    prominent=True,
+)
+PAN = Param(
+    "pan",
+    str,
+    "Panchromatic raster (one band); its grid is the output grid.",
+    required=True,
+    kind="raster",
+)
+MS_BANDS = Param("ms_bands", list, "MS bands to use, e.g. 1,2,3,4 (default: all).", kind="bands")
+PANSHARPENED = (OutputDecl("pansharpened", "raster", "Pansharpened image (PAN grid, MS bands and dtype)"),)

@@ -33,6 +33,10 @@ class TrainingArea:
     def shape(self) -> tuple[int, int]:
         return self.label.shape
 
+    @property
+    def images(self) -> tuple[np.ndarray, ...]:
+        return self.before, self.after
+
 
 def load_training_area(
     before: str,
@@ -128,21 +132,6 @@ def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float) -> Sp
     return Split((slice(0, h), slice(0, cut)), (slice(0, h), slice(cut, w)))
 
 
-def augment(x1: np.ndarray, x2: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """The recipe's flips and 90° rotations, applied identically to both dates and the label."""
-    k = int(rng.integers(4))
-    flip_h, flip_v = rng.random() < 0.5, rng.random() < 0.5
-    out = []
-    for a in (x1, x2, y):
-        a = np.rot90(a, k, axes=(-2, -1))
-        if flip_h:
-            a = a[..., :, ::-1]
-        if flip_v:
-            a = a[..., ::-1, :]
-        out.append(np.ascontiguousarray(a))
-    return tuple(out)
-
-
 Part = tuple[TrainingArea, tuple[slice, slice]]
 
 
@@ -159,41 +148,6 @@ def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) 
     n_val = min(max(round(len(areas) * val_fraction), 1), len(areas) - 1)
     whole = [(a, (slice(0, a.shape[0]), slice(0, a.shape[1]))) for a in areas]
     return whole[:-n_val], whole[-n_val:]
-
-
-class PatchSampler:
-    """Random patches from the training parts of several areas, half of them holding change."""
-
-    def __init__(self, parts: list[Part], patch: int, seed: int = 0) -> None:
-        self.patch, self.rng = patch, np.random.default_rng(seed)
-        self.parts = []
-        for area, (rows, cols) in parts:
-            change = np.argwhere(area.label[rows, cols] == 1)
-            self.parts.append((area, rows, cols, change))
-
-    def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x1s, x2s, ys = [], [], []
-        for i in range(batch):
-            area, rows, cols, change = self.parts[int(self.rng.integers(len(self.parts)))]
-            h, w = rows.stop - rows.start, cols.stop - cols.start
-            p = self.patch
-            if i % 2 == 0 and len(change):  # centre a patch on a changed pixel
-                cy, cx = change[int(self.rng.integers(len(change)))]
-                r = int(np.clip(cy - self.rng.integers(p), 0, h - p))
-                c = int(np.clip(cx - self.rng.integers(p), 0, w - p))
-            else:
-                r, c = int(self.rng.integers(h - p + 1)), int(self.rng.integers(w - p + 1))
-            r, c = r + rows.start, c + cols.start
-            x1, x2, y = augment(
-                area.before[:, r : r + p, c : c + p],
-                area.after[:, r : r + p, c : c + p],
-                area.label[r : r + p, c : c + p],
-                self.rng,
-            )
-            x1s.append(x1)
-            x2s.append(x2)
-            ys.append(y)
-        return np.stack(x1s), np.stack(x2s), np.stack(ys)
 
 
 def val_patches(part: Part, patch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

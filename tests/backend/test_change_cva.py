@@ -17,9 +17,10 @@ import rasterio
 from conftest import ROOT, levir, sha256
 from test_raster_io import reproject_file
 
+from backend.context import JobContext
 from backend.jobs import JOBS
-from backend.jobs.base import JobContext, run_job
-from backend.jobs.change_cva import otsu_threshold
+from backend.jobs.base import run_job
+from backend.methods.cva import otsu_threshold
 from backend.protocol import JobError
 
 

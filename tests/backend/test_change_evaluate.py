@@ -20,9 +20,10 @@ from rasterio.enums import Resampling
 from rasterio.warp import calculate_default_transform, reproject
 from shapely.geometry import box, mapping
 
+from backend.context import JobContext
 from backend.io.vectorize import vectorize
 from backend.jobs import JOBS
-from backend.jobs.base import JobContext, run_job
+from backend.jobs.base import run_job
 from backend.metrics.change import BinaryConfusion
 from backend.protocol import JobError, JobResult
 

@@ -19,8 +19,9 @@ from test_raster_io import reproject_file
 
 from backend import adapters
 from backend.client import WorkerClient
+from backend.context import JobContext
 from backend.jobs import JOBS
-from backend.jobs.base import JobContext, run_job
+from backend.jobs.base import run_job
 from backend.protocol import JobError
 
 FAST = {
@@ -212,14 +213,14 @@ def test_finetune_and_detect_on_cuda_with_bf16(tmp_path: Path) -> None:
 
 def test_nonsense_training_settings_are_refused_plainly() -> None:
     before, after, label = levir("test_55_0256_0000")
+    # Ranges are declared with the parameters: validation refuses them (the worker and the CLI report
+    # INVALID_INPUT) before any data is read; the patch size's multiple of 32 is FILF's own rule.
     for bad in ({"epochs": 0}, {"steps_per_epoch": 0}, {"val_fraction": 1.5}, {"batch_size": 1}):
-        with pytest.raises(JobError) as err:
-            run(
-                "change.finetune",
-                before=str(before),
-                after=str(after),
-                labels=str(label),
-                adapter_name="x",
-                **(FAST | bad),
-            )
-        assert err.value.code == "INVALID_INPUT"
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"Parameter '{name}' must be at "):
+            run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="x",
+                **(FAST | bad))  # fmt: skip
+    with pytest.raises(JobError) as err:
+        run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="x",
+            **(FAST | {"patch_size": 80}))  # fmt: skip
+    assert err.value.code == "INVALID_INPUT" and "multiple of 32" in err.value.message

@@ -21,8 +21,10 @@ PACKAGES = ("backend", "rs_peft_qgis")
 # prefix wins), except the package itself, which is matched exactly.
 LAYERS: dict[str, list[list[str]]] = {
     "backend": [
-        ["backend.protocol", "backend.client"],
+        # The package itself only sets up the process (GDAL cache, malloc) and holds __version__.
+        ["backend.protocol", "backend.client", "backend"],
         [
+            "backend.params",
             "backend.context",
             "backend.runtime",
             "backend.weights",
@@ -32,10 +34,11 @@ LAYERS: dict[str, list[list[str]]] = {
             "backend.models",
         ],
         ["backend.training"],
-        ["backend.methods"],
+        # The pansharpening indices filter with the sensors' MTF, which the classical methods define.
+        ["backend.methods", "backend.metrics.pansharpening"],
         ["backend.jobs", "backend.distributed"],
         ["backend.worker", "backend.cli"],
-        ["backend.demo", "backend.__main__", "backend"],
+        ["backend.demo", "backend.__main__"],
     ],
     "rs_peft_qgis": [
         [

@@ -21,8 +21,9 @@ from rasterio.warp import reproject, transform
 from shapely.geometry import Polygon, mapping
 from test_raster_io import feature_offset
 
+from backend.context import Cancelled, JobContext
 from backend.jobs import JOBS
-from backend.jobs.base import Cancelled, JobContext, run_job
+from backend.jobs.base import run_job
 from backend.protocol import JobError, JobResult
 
 DATA = ROOT / "tests" / "data" / "pansharpening"

@@ -25,7 +25,7 @@ from rasterio.warp import reproject
 from test_pansharpen_jobs import MS, PAN, bad_inputs, ms_uint16, run, wv2_geotiffs
 
 from backend import adapters
-from backend.jobs.base import Cancelled, JobContext
+from backend.context import Cancelled, JobContext
 from backend.protocol import JobError, JobResult
 
 FAST = {"backbone": "tiny", "allow_random_backbone": True, "steps_per_epoch": 10}
@@ -192,7 +192,7 @@ def test_apply_refuses_another_ratio_another_method_and_other_bands(sn6, tmp_pat
             apply(tmp_path / "out", **params)
         assert err.value.code == "INVALID_INPUT" and message in err.value.message, err.value.message
     adapters.save("not_pan", {}, adapters.AdapterMeta("filf", "mobile_sam", None, [1, 2, 3], {}))
-    with pytest.raises(JobError, match="trained for filf, not pansharpening"):
+    with pytest.raises(JobError, match="trained for filf, not for PanAdapter"):
         apply(tmp_path / "out", adapter="not_pan")
     adapters.delete("not_pan")
     assert list((tmp_path / "out").iterdir()) == []

@@ -12,13 +12,14 @@ from .decoder import (
     SCDOutput,
 )
 from .interaction import BiTemporalInteractionLoRA, FrequencyFeatureInteraction, inject_bitemporal_lora
-from .model import BACKBONES, FAMILIES, FILF, build_backbone, build_filf
+from .model import FAMILIES, FILF, build_backbone, build_filf
+from .spec import SPEC  # registers the method
 
 __all__ = [
-    "BACKBONES",
     "FAMILIES",
     "FILF",
     "MSFFN",
+    "SPEC",
     "BCDDecoder",
     "BiTemporalInteractionLoRA",
     "CoarseDifferenceExtraction",

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from backend import weights
 from backend.models.backbones import sam_vit, tiny_vit
 from backend.models.backbones.base import Backbone
-from backend.models.backbones.loading import CheckpointMismatch, describe_mismatch
 from backend.models.peft.freeze import FreezePolicy, apply_freezing
+from backend.models.peft.state import AdapterState
 
 from .decoder import BCDDecoder, SCDDecoder, SCDOutput
 from .interaction import inject_bitemporal_lora
@@ -23,22 +24,11 @@ Mode = Literal["bcd", "scd"]
 
 FAMILIES: dict[str, ModuleType] = {"tiny_vit": tiny_vit, "sam_vit": sam_vit}
 
-# Registry model name -> (backbone family in FAMILIES, variant of that family's `build`).
-BACKBONES: dict[str, tuple[str, str]] = {
-    "mobile_sam": ("tiny_vit", "vit_t"),
-    "sam_vit_b": ("sam_vit", "vit_b"),
-    "sam_vit_l": ("sam_vit", "vit_l"),
-    "sam_vit_h": ("sam_vit", "vit_h"),
-    # Randomly initialised miniatures for tests and the demo.
-    "tiny_vit_tiny": ("tiny_vit", "tiny"),
-    "sam_vit_tiny": ("sam_vit", "tiny"),
-}
-
 # The paper's policy: the whole encoder (norms included) is frozen; LoRA and the decoder train.
 POLICY = FreezePolicy(trainable=("decoder.*",))
 
 
-class FILF(nn.Module):
+class FILF(AdapterState, nn.Module):
     """Bi-temporal change detection on a frozen encoder with BiTemporalInteractionLoRA on every qkv.
 
     forward(x1, x2) with (B, 3, H, W) images of both dates: "bcd" -> (B, 2, H, W) logits; "scd" -> SCDOutput
@@ -84,32 +74,21 @@ class FILF(nn.Module):
         for block in self.backbone.blocks:
             block.forward = _checkpointed(block.forward)
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What is saved as the adapter: the trainable tensors, plus the decoder's BatchNorm statistics that
-        its outputs depend on (the frozen encoder comes from its official checkpoint)."""
+    def adapter_keys(self) -> Callable[[str], bool]:
+        """The adapter: the trainable tensors, plus the decoder's BatchNorm statistics that its outputs depend on
+        (the frozen encoder comes from its official checkpoint)."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in trainable or k.startswith("decoder.")}
-
-    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load an adapter saved by `adapter_state_dict`; every key must match in name and shape.
-
-        Raises CheckpointMismatch naming the missing, unexpected and mis-shaped keys before changing anything.
-        """
-        expected = self.adapter_state_dict()
-        problems = describe_mismatch(expected, state, "adapter")
-        if problems:
-            raise CheckpointMismatch(f"The adapter does not fit this FILF model: {problems}")
-        with torch.no_grad():
-            for k, v in expected.items():
-                v.copy_(state[k])
+        return lambda k: k in trainable or k.startswith("decoder.")
 
 
 def build_backbone(backbone_name: str) -> Backbone:
-    """A randomly initialised encoder for a registry model name (see BACKBONES)."""
-    if backbone_name not in BACKBONES:
-        raise ValueError(f"Unknown FILF backbone {backbone_name!r}; expected one of {', '.join(BACKBONES)}")
-    family, variant = BACKBONES[backbone_name]
-    return FAMILIES[family].build(variant)
+    """A randomly initialised encoder for a weights-registry name (its family and variant come from there)."""
+    info = weights.backbone_info(backbone_name)
+    if info.family not in FAMILIES:
+        raise ValueError(
+            f"FILF cannot use the {info.family} backbone {backbone_name!r}; it needs {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[info.family].build(info.variant)
 
 
 def build_filf(
@@ -125,7 +104,7 @@ def build_filf(
     wrapping renames the qkv projections."""
     backbone = build_backbone(backbone_name)
     if backbone_state is not None:
-        FAMILIES[BACKBONES[backbone_name][0]].load_official(backbone, backbone_state)
+        FAMILIES[weights.backbone_info(backbone_name).family].load_official(backbone, backbone_state)
     return FILF(backbone, mode, num_seg, rank, alpha)
 
 

@@ -14,8 +14,10 @@ from .model import (
     build_panadapter,
 )
 from .prior import LocalPriorExtraction, PriorOutput, build_local_prior_extraction
+from .spec import SPEC  # registers the method
 
 __all__ = [
+    "SPEC",
     "STAGES",
     "VARIANT_DEFAULTS",
     "CascadeTokenFusioner",

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -60,7 +60,7 @@ from backend.models.backbones import edsr, ipt
 from backend.models.backbones.base import BackboneFeatures
 from backend.models.backbones.edsr import ResBlock
 from backend.models.backbones.ipt import IPTBody
-from backend.models.backbones.loading import CheckpointMismatch, describe_mismatch
+from backend.models.peft.state import AdapterState
 
 from .adapters import PanAdapterLayer
 from .prior import LocalPriorExtraction, PriorOutput, build_local_prior_extraction
@@ -181,7 +181,7 @@ class PanAdapterOutput:
     vit: BackboneFeatures | None  # IPT features per window with the adapters (None in stage "prior")
 
 
-class PanAdapter(nn.Module):
+class PanAdapter(AdapterState, nn.Module):
     """forward(ms_up, pan, ms=None) -> HRMS (B, C, H, W); ms_up (B, C, H, W) and pan (B, 1, H, W).
 
     In stage "prior" the output is stage 1's preliminary HRMS (the ViT is not run); in stage "adapter" it is
@@ -261,28 +261,14 @@ class PanAdapter(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+    def adapter_keys(self) -> Callable[[str], bool]:
         """Everything not taken from the official checkpoints: stage-1 heads, LPE and decoder, the (random)
         stem, adapters, prior tokens and tail; EDSR's blocks too when `finetune_cnn` changed them.
 
         Without official checkpoints the frozen IPT/EDSR weights are random: rebuild with the same `seed`.
         """
         finetuned = self.config.finetune_cnn
-        return {
-            k: v
-            for k, v in self.state_dict().items()
-            if not self.is_official(k) or (finetuned and ".trunk.blocks." in k)
-        }
-
-    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load what `adapter_state_dict` saved; raises CheckpointMismatch before changing anything."""
-        expected = self.adapter_state_dict()
-        problems = describe_mismatch(expected, state, "adapter")
-        if problems:
-            raise CheckpointMismatch(f"The adapter does not fit this PanAdapter model: {problems}")
-        with torch.no_grad():
-            for k, v in expected.items():
-                v.copy_(state[k])
+        return lambda k: not self.is_official(k) or (finetuned and ".trunk.blocks." in k)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """L1 in stage "prior" (designed), MSE in stage "adapter" (the code's training script)."""

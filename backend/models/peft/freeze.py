@@ -1,10 +1,9 @@
-"""What trains under a recipe: a freezing policy, parameter accounting and optimizer groups."""
+"""What trains under a recipe: a freezing policy and parameter accounting."""
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -61,37 +60,3 @@ def count_parameters(model: nn.Module) -> ParamCount:
     total = sum(p.numel() for p in seen.values())
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return ParamCount(trainable, total)
-
-
-@dataclass(frozen=True)
-class GroupRule:
-    """Learning-rate multiplier for parameters whose name matches `pattern` (first match wins)."""
-
-    pattern: str
-    lr_mult: float = 1.0
-
-
-@dataclass(frozen=True)
-class OptimSpec:
-    lr: float
-    weight_decay: float = 0.0
-    rules: tuple[GroupRule, ...] = field(default_factory=tuple)
-
-
-def param_groups(model: nn.Module, spec: OptimSpec) -> list[dict[str, Any]]:
-    """Optimizer parameter groups over trainable parameters only.
-
-    Biases, norm weights and other 1-D parameters get no weight decay (the usual AdamW recipe);
-    learning rates follow the first matching rule.
-    """
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        mult = next((r.lr_mult for r in spec.rules if fnmatch.fnmatchcase(name, r.pattern)), 1.0)
-        decay = 0.0 if p.ndim <= 1 or name.endswith(".bias") else spec.weight_decay
-        key = (spec.lr * mult, decay)
-        group = groups.setdefault(key, {"params": [], "names": [], "lr": key[0], "weight_decay": decay})
-        group["params"].append(p)
-        group["names"].append(name)
-    return list(groups.values())

@@ -165,17 +165,3 @@ def lora_on_qkv(
         return LoRAQKV(layer, rank, alpha, dropout, targets, heads)
 
     return inject_lora(model, lambda n, _: n.endswith("attn.qkv"), make)
-
-
-def lora_modules(model: nn.Module) -> list[_LoRABase]:
-    return [m for m in model.modules() if isinstance(m, _LoRABase)]
-
-
-def merge_lora(model: nn.Module) -> None:
-    for m in lora_modules(model):
-        m.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for m in lora_modules(model):
-        m.unmerge()

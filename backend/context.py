@@ -1,0 +1,117 @@
+"""The run context every job gets: progress, logging, cancellation and atomic outputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.protocol import INVALID_INPUT, OUTPUT_ERROR, PROGRESS_MAX_RATE_HZ, JobError
+
+log = logging.getLogger("backend")
+
+
+class Cancelled(Exception):
+    """Raised inside a job when the user cancelled it."""
+
+
+ProgressFn = Callable[[float, str, str], None]
+LogFn = Callable[..., None]  # (level, message, data=None)
+
+
+@dataclass
+class JobContext:
+    """Handed to a running job: progress, logging, cancellation and atomic outputs.
+
+    Outputs are written to hidden temporary names in the output folder and renamed to their
+    final names only when the whole job succeeded, so a failed or cancelled job leaves nothing
+    that looks like a result.
+    """
+
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    on_progress: ProgressFn | None = None
+    on_log: LogFn | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    warnings: list[str] = field(default_factory=list)
+    inputs: set[Path] = field(default_factory=set)
+    _pending: list[tuple[Path, Path]] = field(default_factory=list)
+    _last_progress: float = 0.0
+
+    # --- cancellation -------------------------------------------------------------------
+    def check_cancelled(self) -> None:
+        if self.cancel_event.is_set():
+            raise Cancelled()
+
+    # --- reporting ----------------------------------------------------------------------
+    def progress(self, fraction: float, stage: str, message: str = "", force: bool = False) -> None:
+        """Report progress; throttled so the pipe never floods (at most ~10 per second)."""
+        self.check_cancelled()
+        now = time.monotonic()
+        if not force and now - self._last_progress < 1.0 / PROGRESS_MAX_RATE_HZ:
+            return
+        self._last_progress = now
+        if self.on_progress:
+            self.on_progress(min(max(float(fraction), 0.0), 1.0), stage, message)
+
+    def log(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        """A line for the user; `data` carries the same facts machine-readably (e.g. an epoch's scores)."""
+        log.log(logging.WARNING if level == "warning" else logging.INFO, message)
+        if self.on_log:
+            if data is None:
+                self.on_log(level, message)
+            else:
+                self.on_log(level, message, data)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.log(message, "warning")
+
+    # --- outputs ------------------------------------------------------------------------
+    def protect_inputs(self, *paths: str | None) -> None:
+        """Remember input files so that no output can ever replace one."""
+        self.inputs.update(Path(p).resolve() for p in paths if p)
+
+    def output_path(self, final: Path) -> Path:
+        """A temporary path to write output `final` to; it is renamed to `final` when the job commits."""
+        if final.resolve() in self.inputs:
+            raise JobError(
+                INVALID_INPUT,
+                f"The output {final} would overwrite one of the inputs.",
+                "Choose another output folder or output name.",
+            )
+        tmp = final.with_name(f".partial-{self.job_id}-{final.name}")
+        self._pending.append((tmp, final))
+        return tmp
+
+    def commit_outputs(self) -> None:
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+        self._pending.clear()
+
+    def discard_outputs(self) -> None:
+        for tmp, _ in self._pending:
+            for p in (tmp, tmp.with_name(tmp.name + ".aux.xml")):
+                p.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+def prepare_out_dir(out_dir: str) -> Path:
+    """Create the output folder (and its parents) and check that it is writable."""
+    path = Path(out_dir).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(
+            OUTPUT_ERROR,
+            f"Cannot create the output folder {path}: {exc.strerror}.",
+            "Choose a folder you can write to.",
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise JobError(OUTPUT_ERROR, f"The output folder {path} is not writable.", "Choose a folder you can write to.")
+    return path

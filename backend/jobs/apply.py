@@ -1,0 +1,112 @@
+"""`<task>.<apply_verb>`, built from a method spec: load an adapter, rebuild its model on the frozen backbone
+it was trained on, and stream the scene through the one tiled predictor (blended tiles, autocast on CUDA,
+batch halving on CUDA out-of-memory) into the method's outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend import adapters
+from backend.context import JobContext, prepare_out_dir
+from backend.io.tiling import TileSpec, run_tiled
+from backend.jobs.base import JobSpec
+from backend.jobs.checkpoints import training_checkpoint
+from backend.jobs.finetune import inputs_of
+from backend.methods.spec import MethodSpec
+from backend.models.backbones.loading import CheckpointMismatch
+from backend.params import ADAPTER, BATCH_SIZE, DEVICE, OUT_DIR, OVERLAP, TILE_SIZE, Param, in_group_order
+from backend.protocol import INVALID_INPUT, JobError, JobResult
+from backend.runtime import halve_batch_on_oom, resolve_device
+
+
+def params(method: MethodSpec) -> tuple[Param, ...]:
+    adapter = ADAPTER.but(help=f"Name of a {method.title} adapter in the library.")
+    tiling = (
+        TILE_SIZE.but(help="Tile size in pixels (default: the method's).", default=None),
+        OVERLAP.but(help="Tile overlap in pixels, blended (default: a quarter of the tile).", default=None),
+        BATCH_SIZE.but(default=method.apply_batch_size),
+    )
+    return in_group_order((adapter, *method.apply_params, OUT_DIR, *tiling, DEVICE))
+
+
+def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, torch.Tensor], ctx: JobContext) -> Any:
+    """The adapter's model on the frozen checkpoints it was trained with (refused if they changed)."""
+    shas = meta.config.get("checkpoints", {})
+    parts = method.backbones.get(meta.backbone)
+    if parts is None:
+        raise JobError(INVALID_INPUT, f"The adapter '{meta.name}' names an unknown backbone '{meta.backbone}'.")
+    paths = {part: training_checkpoint(part, shas.get(part), meta.name) for part in parts}
+    if meta.config.get("random_backbone_seed") is not None:
+        ctx.warn(f"The adapter '{meta.name}' was trained on a randomly initialised {meta.backbone} backbone.")
+    model = method.build(meta.backbone, meta.config, len(meta.bands), paths)
+    try:
+        model.load_adapter_state(state)
+    except CheckpointMismatch as exc:
+        raise JobError(INVALID_INPUT, f"The adapter '{meta.name}' is damaged or from another version: {exc}") from None
+    return model
+
+
+def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
+    ctx.protect_inputs(*inputs_of(declared, p))
+    out_dir = prepare_out_dir(p["out_dir"])
+    device = torch.device(resolve_device(p["device"]))
+    state, meta = adapters.load(p["adapter"])
+    if meta.method != method.name:
+        raise JobError(
+            INVALID_INPUT,
+            f"The adapter '{meta.name}' was trained for {meta.method}, not for {method.title}.",
+            f"Choose a {method.title} adapter.",
+        )
+    p = {**p, "out_dir": str(out_dir)}
+    app = method.open(ctx, p, meta)
+    try:
+        tile = p["tile_size"] or app.tile
+        try:
+            spec = TileSpec(tile, tile // 4 if p["overlap"] is None else p["overlap"], p["batch_size"])
+        except ValueError as exc:
+            raise JobError(INVALID_INPUT, str(exc)) from None
+        model = load_model(method, meta, state, ctx)
+        if app.stage is not None:
+            model.set_stage(app.stage)
+        model.to(device).eval()
+
+        @halve_batch_on_oom
+        @torch.no_grad()
+        def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(batch).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = app.predict(model, x)
+            return out.float().cpu().numpy()
+
+        block = spec.stride if spec.stride % 16 == 0 else 256
+        grid = app.grid
+        with app.sink(block) as sink:
+            run_tiled(
+                grid.height,
+                grid.width,
+                app.read,
+                predict,
+                sink.write,
+                app.channels,
+                spec,
+                on_tile=lambda d, t: ctx.progress(0.9 * d / t, method.task, f"tile {d}/{t}"),
+            )
+    finally:
+        app.close()
+    return sink.finish()
+
+
+def job(method: MethodSpec) -> JobSpec:
+    declared = params(method)
+    return JobSpec(
+        f"{method.task}.{method.apply_verb}",
+        method.apply_summary,
+        declared,
+        lambda ctx, p: run(method, ctx, p, declared),
+        title=method.apply_title or f"Apply a {method.title} adapter",
+        outputs=method.outputs,
+        method=method.name,
+    )

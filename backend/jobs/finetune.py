@@ -1,0 +1,119 @@
+"""`<task>.finetune`, built from a method spec: read the analyst's data, build the model on the frozen backbone,
+train by the method's recipe on the one training loop, and save the adapter in the library."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from backend import adapters
+from backend.adapters import AdapterMeta
+from backend.context import JobContext
+from backend.jobs.base import JobSpec
+from backend.jobs.checkpoints import backbone_checkpoint
+from backend.methods.spec import RANDOM_BACKBONE_SEED, MethodSpec, Training
+from backend.models.peft.freeze import count_parameters
+from backend.params import ADAPTER_NAME, ALLOW_RANDOM_BACKBONE, DEVICE, OVERWRITE, Param, in_group_order
+from backend.protocol import INVALID_INPUT, JobError, JobResult
+from backend.runtime import resolve_device
+from backend.training.loop import fit
+
+LAYER_KINDS = ("raster", "vector", "polygons", "layer")
+
+
+def params(method: MethodSpec) -> tuple[Param, ...]:
+    backbone = Param(
+        "backbone",
+        str,
+        "Frozen encoder (the tiny ones are random miniatures for tests).",
+        default=method.default_backbone,
+        choices=tuple(method.backbones),
+        group="method",
+    )
+    return in_group_order((*method.finetune_params, ADAPTER_NAME, backbone, ALLOW_RANDOM_BACKBONE, DEVICE, OVERWRITE))
+
+
+def inputs_of(spec_params: tuple[Param, ...], p: dict[str, Any]) -> list[str | None]:
+    return [p[x.name] for x in spec_params if x.kind in LAYER_KINDS]
+
+
+def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
+    started = time.monotonic()
+    ctx.protect_inputs(*inputs_of(declared, p))
+    resolve_device(p["device"])  # a wrong device fails before the data is read
+    name = adapters.sanitize(p["adapter_name"])
+    if not p["overwrite"] and any(a["name"] == name for a in adapters.list_adapters()):
+        raise JobError(
+            INVALID_INPUT, f"An adapter named '{name}' already exists.", "Choose another name or allow overwriting."
+        )
+    return train_and_save(method, ctx, p, method.prepare(ctx, p), started)
+
+
+def train_and_save(
+    method: MethodSpec, ctx: JobContext, p: dict[str, Any], training: Training, started: float | None = None
+) -> JobResult:
+    """Build the model, train it by the method's recipe and save the adapter (`p`: the job's parameters; the
+    demo and the held-out benchmark call this with several labelled areas)."""
+    started = time.monotonic() if started is None else started
+    name = adapters.sanitize(p["adapter_name"])
+    parts = method.backbones[p["backbone"]]
+    checkpoints = {part: backbone_checkpoint(part, p["allow_random_backbone"], ctx) for part in parts}
+    paths = {part: path for part, (path, _) in checkpoints.items()}
+    model = method.build(p["backbone"], training.config, len(training.bands), paths)
+    counted = count_parameters(model)
+    ctx.log(f"{method.title} on {p['backbone']}: {counted}")
+    result = fit(model, training.recipe(model, resolve_device(p["device"])), ctx)
+    shas = {part: sha for part, (_, sha) in checkpoints.items()}
+    val = {f"val_{k}": v for k, v in result.val_metrics.items()}
+    g = training.grid
+    area: dict[str, Any] = {"bounds": list(g.bounds), "crs": g.crs.to_string() if g.crs else None}
+    if training.areas > 1:
+        area["areas"] = training.areas
+    meta = AdapterMeta(
+        method=method.name,
+        backbone=p["backbone"],
+        checkpoint_sha256=shas[parts[0]],
+        bands=training.bands,
+        normalization=training.normalization,
+        classes=training.classes,
+        training_area=area,
+        metrics=val,
+        config={
+            **training.config,
+            "checkpoints": shas,
+            "random_backbone_seed": RANDOM_BACKBONE_SEED if None in shas.values() else None,
+            "best_stage": result.best_stage,
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+            "dtype": np.dtype(training.dtype).name,
+        },
+    )
+    folder = adapters.save(name, result.best_state, meta, overwrite=p["overwrite"])
+    metrics: dict[str, Any] = {
+        "adapter": name,
+        "adapter_path": str(folder),
+        "best_epoch": result.best_epoch,
+        "trainable_parameters": counted.trainable,
+        "total_parameters": counted.total,
+    }
+    if method.stages:
+        metrics["best_stage"] = result.best_stage
+    metrics |= training.report(model, result)
+    metrics |= val
+    metrics["finetune_seconds"] = time.monotonic() - started
+    return JobResult(metrics=metrics)
+
+
+def job(method: MethodSpec) -> JobSpec:
+    declared = params(method)
+    return JobSpec(
+        f"{method.task}.finetune",
+        method.finetune_summary,
+        declared,
+        lambda ctx, p: run(method, ctx, p, declared),
+        title=method.finetune_title or f"Fine-tune a {method.title} adapter",
+        method=method.name,
+        stages=dict(method.stages),
+    )

@@ -1,0 +1,241 @@
+"""Job parameters and outputs: one declaration each, with type, range and choices, grouped the way forms show them.
+
+Every job takes its common parameters from the groups below (inputs by name, AOI/output, tiling, device,
+fine-tuning), so a range, a choice list or a help text exists once. The job catalog exports the same
+declarations, and the QGIS side builds its forms from them without listing any parameter by name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OutputDecl:
+    """A result a job promises (its `key` matches Output.key), so Processing can declare it up front."""
+
+    key: str
+    kind: str  # raster | vector
+    description: str
+
+
+INPUT_KINDS = ("raster", "vector", "polygons", "layer", "field", "bands", "adapter")
+# Groups, in the order forms show them.
+GROUPS = ("inputs", "method", "finetune", "tiling", "device", "output")
+
+
+def in_group_order(params: tuple[Param, ...]) -> tuple[Param, ...]:
+    """Parameters ordered by group (GROUPS), keeping their order within a group."""
+    return tuple(sorted(params, key=lambda p: GROUPS.index(p.group)))
+
+
+@dataclass(frozen=True)
+class Param:
+    """A job parameter; `name` is the worker's snake_case key, the CLI flag is its kebab-case form."""
+
+    name: str
+    type: type  # str | int | float | bool | list (comma-separated ints on the CLI)
+    help: str
+    default: Any = None
+    required: bool = False
+    choices: tuple[Any, ...] | None = None
+    # What the value is, for the QGIS side's forms and Processing algorithms: raster | vector | polygons
+    # | layer (raster or vector) | folder | adapter | field (of the layer param named `parent`) | bands;
+    # empty = a plain value of `type`.
+    kind: str = ""
+    parent: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None  # a form's spin-box step (and, for floats, its decimals)
+    group: str = ""  # one of GROUPS; default: "inputs" for layers, fields and bands, else "method"
+    prominent: bool = False  # an optional setting shown next to the inputs, not under "Advanced"
+    editable: bool = False  # `choices` are suggestions: other values pass (checked by the job)
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            object.__setattr__(self, "group", "inputs" if self.kind in INPUT_KINDS else "method")
+        if self.group not in GROUPS:
+            raise ValueError(f"Parameter '{self.name}': unknown group {self.group!r}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def but(self, **changes: Any) -> Param:
+        """This declaration with another default, help or range (e.g. a job's own default tile size)."""
+        return replace(self, **changes)
+
+    def coerce(self, value: Any) -> Any:
+        """The value as this parameter's type, in its range and choices; ValueError in plain words."""
+        v = _as_type(self, value)
+        if self.choices is not None and not self.editable and v not in self.choices:
+            raise ValueError(f"Parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, got {v!r}")
+        if self.type in (int, float):
+            if not math.isfinite(v):
+                raise ValueError(f"Parameter '{self.name}' must be a finite number, got {value!r}")
+            if self.minimum is not None and v < self.minimum:
+                raise ValueError(f"Parameter '{self.name}' must be at least {_num(self.minimum)}, got {v}")
+            if self.maximum is not None and v > self.maximum:
+                raise ValueError(f"Parameter '{self.name}' must be at most {_num(self.maximum)}, got {v}")
+        return v
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _as_type(p: Param, value: Any) -> Any:
+    try:
+        if p.type is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes"):
+                return True
+            if str(value).lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        if p.type is list:
+            items = value if isinstance(value, list) else str(value).replace(" ", "").split(",")
+            return [int(x) for x in items if str(x) != ""]
+        if p.type is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if p.type is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if not isinstance(value, str | int | float):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"Parameter '{p.name}' must be a {p.type.__name__}, got {value!r}") from None
+
+
+# --- AOI and output --------------------------------------------------------------------------------------------
+OUT_DIR = Param("out_dir", str, "Folder for the results.", required=True, kind="folder", group="output")
+AOI = Param(
+    "aoi",
+    str,
+    "Polygon layer: only the area inside it is processed (default: all).",
+    kind="polygons",
+)
+NAME = Param("name", str, "Prefix of the output file names.", group="output")
+REFERENCE = Param("reference", str, "Optional reference to score the result against.", kind="raster")
+
+# The two dates of a change pair.
+BEFORE = Param(
+    "before",
+    str,
+    "Raster of the first date (its grid is the output grid).",
+    required=True,
+    kind="raster",
+)
+AFTER = Param(
+    "after",
+    str,
+    "Raster of the second date (any CRS/resolution; aligned on the fly).",
+    required=True,
+    kind="raster",
+)
+
+# --- tiling ----------------------------------------------------------------------------------------------------
+TILE_SIZE = Param(
+    "tile_size",
+    int,
+    "Tile size in pixels (memory grows with its square).",
+    minimum=32,
+    maximum=16384,
+    step=32,
+    group="tiling",
+)
+OVERLAP = Param("overlap", int, "Tile overlap in pixels (blended).", minimum=0, maximum=4096, step=16, group="tiling")
+BATCH_SIZE = Param("batch_size", int, "Tiles per forward pass.", minimum=1, maximum=4096, step=1, group="tiling")
+TILING = (TILE_SIZE, OVERLAP, BATCH_SIZE)
+
+# --- device ----------------------------------------------------------------------------------------------------
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE = Param(
+    "device",
+    str,
+    "auto (CUDA when available), cpu or cuda (also cuda:1 …).",
+    default="auto",
+    choices=DEVICES,
+    editable=True,
+    group="device",
+)
+
+# --- fine-tuning -----------------------------------------------------------------------------------------------
+ADAPTER_NAME = Param(
+    "adapter_name", str, "Name under which the adapter is saved in the library.", required=True, group="inputs"
+)
+ADAPTER = Param("adapter", str, "Name of an adapter in the library.", required=True, kind="adapter")
+ALLOW_RANDOM_BACKBONE = Param(
+    "allow_random_backbone",
+    bool,
+    "Use a random frozen encoder if its weights are missing.",
+    default=False,
+    group="finetune",
+)
+EPOCHS = Param(
+    "epochs",
+    int,
+    "Training epochs (early stopping may end sooner).",
+    minimum=1,
+    maximum=100_000,
+    step=1,
+    group="finetune",
+)
+STEPS_PER_EPOCH = Param(
+    "steps_per_epoch", int, "Optimisation steps per epoch.", minimum=1, maximum=1_000_000, step=1, group="finetune"
+)
+TRAIN_BATCH_SIZE = Param("batch_size", int, "Patches per step.", minimum=1, maximum=4096, step=1, group="finetune")
+PATCH_SIZE = Param(
+    "patch_size", int, "Training patch size in pixels.", minimum=16, maximum=4096, step=16, group="finetune"
+)
+LR = Param("lr", float, "Learning rate (Adam).", minimum=0.0, maximum=1.0, step=1e-5, group="finetune")
+VAL_FRACTION = Param(
+    "val_fraction",
+    float,
+    "Share of the labelled area kept for validation.",
+    minimum=0.01,
+    maximum=0.99,
+    step=0.05,
+    group="finetune",
+)
+PATIENCE = Param(
+    "patience",
+    int,
+    "Stop after this many epochs without a better validation score.",
+    minimum=0,
+    maximum=10_000,
+    step=1,
+    group="finetune",
+)
+OVERWRITE = Param("overwrite", bool, "Replace an adapter of the same name.", default=False, group="finetune")
+
+# --- maps (probability + mask + polygons) ----------------------------------------------------------------------
+THRESHOLD = Param("threshold", float, "Probability threshold.", default=0.5, minimum=0.0, maximum=1.0, step=0.05)
+MIN_AREA_M2 = Param(
+    "min_area_m2",
+    float,
+    "Drop polygons smaller than this (square metres).",
+    default=0.0,
+    minimum=0.0,
+    maximum=1e12,
+    step=10.0,
+    group="output",
+)
+SIMPLIFY = Param(
+    "simplify",
+    float,
+    "Simplify polygon outlines, tolerance in pixels.",
+    default=0.0,
+    minimum=0.0,
+    maximum=1000.0,
+    step=0.5,
+    group="output",
+)
+BANDS = Param("bands", list, "Bands to use, e.g. 1,2,3 (default: all).", kind="bands")
