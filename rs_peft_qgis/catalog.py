@@ -7,19 +7,15 @@ jobs the worker really runs, so a task whose backend lands appears here without 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from rs_peft_qgis.backend_env import backend_root
 
+FORMAT = 2  # the catalog format this plugin reads
 LAYER_KINDS = ("raster", "vector", "polygons", "layer")
-
-# Optional settings an analyst should see next to the inputs rather than under "Advanced": the method, the
-# sensor whose MTF and band layout the result depends on, and the scale ratio (auto unless the pixel sizes
-# do not give a whole number). Kept small on purpose: everything else has a default that rarely needs a look.
-PROMINENT = frozenset({"method", "sensor", "ratio"})
 
 
 @dataclass(frozen=True)
@@ -31,6 +27,12 @@ class ParamInfo:
     required: bool
     default: Any
     choices: tuple[Any, ...] | None
+    editable: bool  # the choices are suggestions: other values are allowed too ("cuda:1")
+    minimum: float | None  # numbers: the range and step of a spin box (None: no limit / a generic step)
+    maximum: float | None
+    step: float | None
+    group: str  # inputs | method | finetune | tiling | device | output
+    prominent: bool  # an optional setting shown with the inputs, not folded under "Advanced"
     help: str
 
     @property
@@ -42,11 +44,6 @@ class ParamInfo:
     @property
     def is_layer(self) -> bool:
         return self.kind in LAYER_KINDS
-
-    @property
-    def prominent(self) -> bool:
-        """An optional setting shown with the inputs, not folded under "Advanced"."""
-        return self.name in PROMINENT
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,8 @@ class JobInfo:
     summary: str
     params: tuple[ParamInfo, ...]
     outputs: tuple[OutputInfo, ...]
+    method: str | None  # the adapter method the job trains or applies ("filf", "panadapter"…)
+    stages: dict[str, str] = field(hash=False)  # stage id -> title shown to the analyst; {} when single-stage
 
     def param(self, name: str) -> ParamInfo | None:
         return next((p for p in self.params if p.name == name), None)
@@ -79,6 +78,7 @@ class TaskInfo:
     id: str
     title: str
     jobs: tuple[str, ...]
+    hints: dict[str, Any] = field(hash=False)  # task-specific constants for its form hook (form_hooks)
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,21 @@ class Catalog:
     def task_jobs(self, task: str) -> list[JobInfo]:
         return [j for j in self.jobs.values() if j.task == task]
 
+    def task(self, task_id: str) -> TaskInfo | None:
+        return next((t for t in self.tasks if t.id == task_id), None)
+
+    def param_choices(self, name: str) -> tuple[Any, ...]:
+        """The choices of the parameter `name` (the first job that has it with choices), e.g. the devices."""
+        params = (j.param(name) for j in self.jobs.values())
+        return next((p.choices for p in params if p is not None and p.choices), ())
+
 
 def parse(data: dict[str, Any]) -> Catalog:
+    if data.get("format") != FORMAT:
+        raise ValueError(
+            f"The job catalog has format {data.get('format')!r}; this plugin reads format {FORMAT}. "
+            "Reinstall the plugin (or run `make catalog` in a checkout)."
+        )
     jobs = {
         name: JobInfo(
             name=name,
@@ -101,10 +114,12 @@ def parse(data: dict[str, Any]) -> Catalog:
                 ParamInfo(**{**p, "choices": tuple(p["choices"]) if p["choices"] else None}) for p in j["params"]
             ),
             outputs=tuple(OutputInfo(**o) for o in j["outputs"]),
+            method=j["method"],
+            stages=dict(j["stages"]),
         )
         for name, j in data["jobs"].items()
     }
-    tasks = tuple(TaskInfo(t["id"], t["title"], tuple(t["jobs"])) for t in data["tasks"])
+    tasks = tuple(TaskInfo(t["id"], t["title"], tuple(t["jobs"]), dict(t["hints"])) for t in data["tasks"])
     return Catalog(tasks, jobs)
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from qgis.core import QgsSettings
 
+from rs_peft_qgis import catalog
+
 PREFIX = "rs_peft_qgis/"
-DEVICES = ("auto", "cpu", "cuda")
+# Settings that are also job parameters (same name): the configured value is the job's default.
+JOB_DEFAULTS = ("device",)
 
 
 @dataclass
@@ -23,9 +27,13 @@ class Settings:
     def load(cls) -> Settings:
         s = QgsSettings()
         values = {name: str(s.value(PREFIX + name, default) or default) for name, default in cls().__dict__.items()}
-        if values["device"] not in DEVICES:
-            values["device"] = "auto"
+        if values["device"] not in catalog.load().param_choices("device"):  # the devices the jobs offer
+            values["device"] = cls.device
         return cls(**values)
+
+    def job_default(self, param: str) -> Any:
+        """The configured default of the job parameter `param` (the device), or None."""
+        return getattr(self, param) if param in JOB_DEFAULTS else None
 
     def save(self) -> None:
         s = QgsSettings()

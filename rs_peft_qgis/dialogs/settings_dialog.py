@@ -7,16 +7,18 @@ from pathlib import Path
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QComboBox, QDialog, QDialogButtonBox, QFormLayout, QVBoxLayout, QWidget
 
+from rs_peft_qgis import catalog
 from rs_peft_qgis.backend_env import find_backend_python
 from rs_peft_qgis.dialogs.common import ERROR_STYLE, file_widget, show_message, wrapped_label
 from rs_peft_qgis.session import SESSION, WorkerSession
 from rs_peft_qgis.settings import Settings
 
-DEVICE_CHOICES = (
-    ("auto", "Automatic (the graphics card when there is one)"),
-    ("cpu", "Processor (CPU)"),
-    ("cuda", "NVIDIA graphics card (CUDA)"),
-)
+# How the devices the jobs offer (the catalog's `device` choices) read in the dialog; others show as they are.
+DEVICE_LABELS = {
+    "auto": "Automatic (the graphics card when there is one)",
+    "cpu": "Processor (CPU)",
+    "cuda": "NVIDIA graphics card (CUDA)",
+}
 
 
 class SettingsDialog(QDialog):
@@ -36,8 +38,8 @@ class SettingsDialog(QDialog):
         self.python_edit.setFilePath(current.backend_python)
         self.detected_label = wrapped_label()
         self.device_combo = QComboBox()
-        for value, text in DEVICE_CHOICES:
-            self.device_combo.addItem(text, value)
+        for value in catalog.load().param_choices("device"):
+            self.device_combo.addItem(DEVICE_LABELS.get(value, str(value)), value)
         self.device_combo.setCurrentIndex(max(0, self.device_combo.findData(current.device)))
         self.models_edit = file_widget(QgsFileWidget.StorageMode.GetDirectory, "Model cache folder", folders[0])
         self.models_edit.setFilePath(current.models_dir)

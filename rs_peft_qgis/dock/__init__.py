@@ -67,11 +67,14 @@ class RsPeftDock(QgsDockWidget):
             self.library.refresh()
 
     def apply_settings(self) -> None:
-        """New settings: the device pickers follow the configured device; the library may have moved."""
-        device = Settings.load().device
+        """New settings: parameters the settings give a default (the device) follow it; the library may have
+        moved."""
+        settings = Settings.load()
         for form in self.run_tab.forms.values():
-            if form.job.param("device") is not None:
-                form.set_value("device", device)
+            for param in form.job.params:
+                value = settings.job_default(param.name)
+                if value is not None:
+                    form.set_value(param.name, value)
         if self.library.adapters is not None:
             self.library.refresh()
 

@@ -24,7 +24,6 @@ EPOCH_LABELS = {
 }
 EPOCH_BASE = ("epoch", "stage", "loss")
 MAX_EPOCH_SCORES = 4
-STAGES = {"prior": "stage 1 (local priors)", "adapter": "stage 2 (adapters)"}
 
 
 def epoch_label(key: str) -> str:
@@ -49,14 +48,15 @@ def cell_text(value: Any) -> str:
     return str(value)
 
 
-def training_summary(metrics: dict[str, Any]) -> str:
-    """' · best epoch 3 of stage 2 (adapters) · validation Q2n 0.900' (what a fine-tune ends with)."""
+def training_summary(metrics: dict[str, Any], stages: dict[str, str]) -> str:
+    """' · best epoch 3 of stage 2 (adapters) · validation Q2n 0.900' (what a fine-tune ends with); `stages`
+    are the fine-tune's stage titles by stage id (the catalog's)."""
     parts = []
     if metrics.get("best_epoch"):
         best = f"best epoch {metrics['best_epoch']}"
         stage = metrics.get("best_stage")
         if stage:
-            best += f" of {STAGES.get(stage, f'stage {stage}')}"
+            best += f" of {stages.get(stage, f'stage {stage}')}"
         parts.append(best)
     for key in epoch_columns(metrics):
         value = metrics.get(key)

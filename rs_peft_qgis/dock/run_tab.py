@@ -110,7 +110,9 @@ class RunTab(QWidget):
         """The form of a job (built on first use and kept, so values survive switching jobs)."""
         form = self.forms.get(job_name)
         if form is None:
-            form = JobForm(self.catalog.jobs[job_name], self.stack)
+            job = self.catalog.jobs[job_name]
+            task = self.catalog.task(job.task)
+            form = JobForm(job, self.stack, task.hints if task is not None else {})
             self.forms[job_name] = form
             self.stack.addWidget(form)
             if form.adapter_picker is not None:
@@ -118,7 +120,7 @@ class RunTab(QWidget):
         return form
 
     def set_task(self, task_id: str) -> None:
-        info = next((t for t in self.catalog.tasks if t.id == task_id), None)
+        info = self.catalog.task(task_id)
         if info is None:
             raise KeyError(f"unknown task {task_id!r}")
         if self.task_combo.currentData() != task_id:

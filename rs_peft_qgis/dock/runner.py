@@ -163,7 +163,7 @@ class JobRunner(QObject):
 
     def _trained(self, job: JobInfo, metrics: dict[str, Any]) -> None:
         name = metrics.get("adapter") or ""
-        text = f"Adapter '{name}' saved to the library{training_summary(metrics)}."
+        text = f"Adapter '{name}' saved to the library{training_summary(metrics, job.stages)}."
         self.tab.append_log(text)
         apply = self.tab.apply_job(job.task)
         if apply is not None and name:

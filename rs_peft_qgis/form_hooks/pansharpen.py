@@ -20,9 +20,6 @@ from qgis.PyQt.QtWidgets import QLabel
 
 from rs_peft_qgis.forms.widgets import HINT_STYLE, WARNING_STYLE, has_pixel_grid, pixel_size_text
 
-# A detected PAN/MS scale ratio must be this close (relative) to a whole number: the backend's rule
-# (backend/jobs/pansharpen_classic.py, RATIO_TOLERANCE), repeated here because the plugin cannot import it.
-RATIO_TOLERANCE = 0.02
 HINT_NAME = "ratioHint"
 
 
@@ -48,13 +45,13 @@ def _ms_pixel_area(ms: QgsRasterLayer, crs: QgsCoordinateReferenceSystem) -> flo
 
 
 def check_ratio(
-    pan: QgsMapLayer | None, ms: QgsMapLayer | None, given: int | None = None, tolerance: float = RATIO_TOLERANCE
+    pan: QgsMapLayer | None, ms: QgsMapLayer | None, tolerance: float, given: int | None = None
 ) -> RatioCheck:
     """The PAN/MS scale ratio as the backend will find it, and what the analyst should know about the pair.
 
     Mirrors the backend's rule: estimate = sqrt(MS pixel area / PAN pixel area) in the PAN's CRS (in pixel
-    space, for rasters without CRS: the PAN/MS size ratio), accepted when within `tolerance` (relative) of a
-    whole number >= 2.
+    space, for rasters without CRS: the PAN/MS size ratio), accepted when within `tolerance` (relative, the
+    task's `ratio_tolerance` hint in the catalog) of a whole number >= 2.
     """
     if not (has_pixel_grid(pan) and has_pixel_grid(ms)):
         return RatioCheck(None, "", False)  # nothing chosen yet, or a web layer (exported at the map's resolution)
@@ -134,7 +131,8 @@ def ratio_hint(form: Any) -> QLabel | None:
 def ratio_check(form: Any) -> RatioCheck:
     """The scale ratio the form's PAN and MS layers give (and the ratio set, if any), in words."""
     given = form.value("ratio") if "ratio" in form.widgets else None
-    return check_ratio(form.value("pan"), form.value("ms"), int(given) if given is not None else None)
+    tolerance = form.hints["ratio_tolerance"]  # the backend's rule, from the catalog
+    return check_ratio(form.value("pan"), form.value("ms"), tolerance, int(given) if given is not None else None)
 
 
 def update_ratio_hint(form: Any) -> None:

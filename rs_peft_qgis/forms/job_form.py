@@ -13,31 +13,30 @@ from typing import Any
 from qgis.core import QgsMapLayer, QgsProject, QgsVectorLayer
 from qgis.gui import QgsCollapsibleGroupBox, QgsFieldComboBox, QgsFileWidget
 from qgis.PyQt.QtCore import pyqtSignal
-from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import QCheckBox, QFormLayout, QLabel, QLineEdit, QVBoxLayout, QWidget
 
 from rs_peft_qgis import form_hooks
 from rs_peft_qgis.catalog import JobInfo, ParamInfo
 from rs_peft_qgis.forms.adapter_picker import AdapterPicker
 from rs_peft_qgis.forms.values import FormError, changed_signals, default_out_dir, read_value, write_value
-from rs_peft_qgis.forms.widgets import AoiChooser, LayerPicker, number_widget, shrinkable
-from rs_peft_qgis.settings import DEVICES, Settings
-
-# Which adapter method each task applies (the adapter picker lists only these).
-TASK_METHOD = {"change": "filf", "pansharpen": "panadapter", "objects": "weft", "landcover": "spectralx"}
+from rs_peft_qgis.forms.widgets import AoiChooser, LayerPicker, choice_combo, number_widget, shrinkable
+from rs_peft_qgis.settings import Settings
 
 
 class JobForm(QWidget):
     """The parameter form of one job: required parameters first, then the other inputs and the few prominent
-    settings (method, sensor, ratio); the rest under "Advanced".
+    settings the catalog marks prominent (method, sensor, ratio); the rest under "Advanced".
 
-    `valueChanged(name)` is emitted whenever the value of a parameter changes (form hooks follow it).
+    `hints` are the task's constants for its form hook. `valueChanged(name)` is emitted whenever the value of
+    a parameter changes (form hooks follow it).
     """
 
     valueChanged = pyqtSignal(str)
 
-    def __init__(self, job: JobInfo, parent: QWidget | None = None) -> None:
+    def __init__(self, job: JobInfo, parent: QWidget | None = None, hints: dict[str, Any] | None = None) -> None:
         super().__init__(parent)
         self.job = job
+        self.hints = dict(hints or {})
         self.widgets: dict[str, QWidget] = {}
         self.labels: dict[str, QLabel] = {}
         self.setObjectName(f"form_{job.name}")
@@ -47,8 +46,9 @@ class JobForm(QWidget):
         self.advanced.setSaveCollapsedState(False)
         advanced = self._form_layout(self.advanced)
         ordered = sorted(job.params, key=lambda p: not p.required)  # stable: catalog order within each group
+        settings = Settings.load()
         for param in ordered:
-            widget = self._make_widget(param)
+            widget = self._make_widget(param, settings)
             widget.setObjectName(f"param_{param.name}")
             widget.setToolTip(param.help)
             self.widgets[param.name] = widget
@@ -93,7 +93,7 @@ class JobForm(QWidget):
         row, _role = layout.getWidgetPosition(anchor)
         layout.insertRow(row + 1, widget)
 
-    def _make_widget(self, p: ParamInfo) -> QWidget:
+    def _make_widget(self, p: ParamInfo, settings: Settings) -> QWidget:
         if p.name == "aoi":
             return AoiChooser(self)
         if p.is_layer:
@@ -104,7 +104,7 @@ class JobForm(QWidget):
             box.setAllowEmptyFieldName(not p.required)
             return box
         if p.kind == "adapter":
-            return AdapterPicker(TASK_METHOD.get(self.job.task, ""), self)
+            return AdapterPicker(self.job.method or "", self)
         if p.kind == "folder":
             widget = QgsFileWidget(self)
             widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
@@ -116,21 +116,8 @@ class JobForm(QWidget):
             if p.default:
                 edit.setText(",".join(str(v) for v in p.default))
             return edit
-        if p.name == "device":
-            box = QComboBox(self)
-            shrinkable(box)
-            box.setEditable(True)  # "cuda:1" and other device strings stay possible
-            box.addItems(list(DEVICES))
-            box.setCurrentText(Settings.load().device or str(p.default or "auto"))
-            return box
         if p.choices:
-            box = QComboBox(self)
-            shrinkable(box)
-            for choice in p.choices:
-                box.addItem(str(choice), choice)
-            if p.default is not None and box.findData(p.default) >= 0:
-                box.setCurrentIndex(box.findData(p.default))
-            return box
+            return choice_combo(p, settings.job_default(p.name), self)
         if p.kind in ("int", "float"):
             return number_widget(p)
         if p.kind == "bool":

@@ -1,9 +1,10 @@
 """The widgets of a job form, one per parameter kind: layer pickers with a raster hint, the area-of-interest
-chooser, spin boxes with the catalog's ranges."""
+chooser, spin boxes with the catalog's ranges, choice combos."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from qgis.core import (
     Qgis,
@@ -24,27 +25,6 @@ LAYER_FILTERS = {
     "vector": Qgis.LayerFilters(Qgis.LayerFilter.VectorLayer),
     "polygons": Qgis.LayerFilters(Qgis.LayerFilter.PolygonLayer),
     "layer": Qgis.LayerFilters(Qgis.LayerFilter.RasterLayer | Qgis.LayerFilter.VectorLayer),
-}
-# Sensible ranges (minimum, maximum, step) of the numbers jobs take; others get a wide generic range.
-INT_RANGES = {
-    "tile_size": (32, 16384, 32),
-    "overlap": (0, 4096, 16),
-    "batch_size": (1, 4096, 1),
-    "patch_size": (64, 4096, 32),
-    "epochs": (1, 100_000, 1),
-    "steps_per_epoch": (1, 1_000_000, 1),
-    "rank": (1, 1024, 1),
-    "patience": (0, 10_000, 1),
-    "num_classes": (2, 1000, 1),
-    "ratio": (2, 64, 1),  # MS pixel / PAN pixel: 1 would mean nothing to sharpen
-}
-FLOAT_RANGES = {  # minimum, maximum, step, decimals
-    "lr": (0.0, 1.0, 1e-5, 6),
-    "val_fraction": (0.01, 0.99, 0.05, 2),
-    "threshold": (0.0, 1e9, 0.05, 4),
-    "smooth": (0.0, 1000.0, 0.5, 2),
-    "min_area_m2": (0.0, 1e12, 10.0, 1),
-    "simplify": (0.0, 1000.0, 0.5, 2),
 }
 AUTO = "auto"
 HINT_STYLE = "color: gray;"
@@ -170,20 +150,32 @@ class AoiChooser(QWidget):
         self.mode.setCurrentIndex(self.mode.findData(mode))
 
 
+def decimals(*numbers: float | None) -> int:
+    """Decimals that show every one of `numbers` exactly (0.05 -> 2, 1e-05 -> 5, 10.0 -> 0), at most 10."""
+    places = [len(f"{abs(n):.10f}".rstrip("0").partition(".")[2]) for n in numbers if n is not None]
+    return max(places, default=0)
+
+
 def number_widget(param: ParamInfo) -> QWidget:
-    """A spin box with the default, a sensible range and, for "no default", an 'auto' special value."""
+    """A spin box with the default and the catalog's range and step (a wide range where the catalog gives
+    none); for "no default" an 'auto' special value just below the minimum."""
     auto = param.default is None
+    positive = (param.default or 0) >= 0
     if param.kind == "int":
-        lo, hi, step = INT_RANGES.get(param.name, (0 if (param.default or 0) >= 0 else -(10**9), 10**9, 1))
         box: QgsSpinBox | QgsDoubleSpinBox = QgsSpinBox()
-        box.setSingleStep(step)
-    else:
-        lo, hi, step, decimals = FLOAT_RANGES.get(
-            param.name, (0.0 if (param.default or 0) >= 0 else -1e12, 1e12, 0.1, 4)
+        lo, hi, step = (
+            int(param.minimum) if param.minimum is not None else (0 if positive else -(10**9)),
+            int(param.maximum) if param.maximum is not None else 10**9,
+            int(param.step or 1),
         )
+    else:
         box = QgsDoubleSpinBox()
-        box.setDecimals(decimals)
-        box.setSingleStep(step)
+        lo = param.minimum if param.minimum is not None else (0.0 if positive else -1e12)
+        hi = param.maximum if param.maximum is not None else 1e12
+        step = param.step or 0.1
+        # The step's decimals (at least one: a float), and enough to show the minimum and default as they are.
+        box.setDecimals(max(1, decimals(step, lo, param.default)))
+    box.setSingleStep(step)
     if auto:
         box.setRange(lo - step, hi)
         box.setSpecialValueText(AUTO)
@@ -194,4 +186,21 @@ def number_widget(param: ParamInfo) -> QWidget:
         box.setClearValue(param.default)
         box.setValue(param.default)
     box.setShowClearButton(True)
+    return box
+
+
+def choice_combo(param: ParamInfo, preferred: Any, parent: QWidget | None = None) -> QComboBox:
+    """The parameter's choices; editable when the catalog says they are suggestions ("cuda:1" stays possible).
+    Starts on `preferred` (a default from the plugin's settings), else on the catalog's default."""
+    box = shrinkable(QComboBox(parent))
+    for choice in param.choices or ():
+        box.addItem(str(choice), choice)
+    box.setEditable(param.editable)
+    if param.editable:
+        start = preferred if preferred not in (None, "") else param.default
+        box.setCurrentText("" if start is None else str(start))
+        return box
+    index = next((box.findData(v) for v in (preferred, param.default) if v is not None and box.findData(v) >= 0), -1)
+    if index >= 0:
+        box.setCurrentIndex(index)
     return box

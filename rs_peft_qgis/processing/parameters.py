@@ -48,10 +48,11 @@ def make_parameter(p: ParamInfo) -> QgsProcessingParameterDefinition:
     """The Processing parameter for a catalog parameter, named exactly as the backend names it."""
     optional = not p.required
     label = p.label
-    if p.choices and not p.is_layer and p.kind not in ("folder", "field"):
+    preferred = Settings.load().job_default(p.name)  # the device chosen in the plugin's settings
+    if p.choices and not p.editable and not p.is_layer and p.kind not in ("folder", "field"):
         # Static strings: the value is the choice itself (mode=scd on qgis_process, not mode=1).
         options = [str(c) for c in p.choices]
-        default = str(p.default) if p.default is not None and str(p.default) in options else None
+        default = next((str(v) for v in (preferred, p.default) if v is not None and str(v) in options), None)
         param: QgsProcessingParameterDefinition = QgsProcessingParameterEnum(
             p.name, label, options, False, default, optional, True
         )
@@ -77,11 +78,13 @@ def make_parameter(p: ParamInfo) -> QgsProcessingParameterDefinition:
     elif p.kind in ("int", "float"):
         number_type = INTEGER if p.kind == "int" else DOUBLE
         param = QgsProcessingParameterNumber(p.name, label, number_type, p.default, optional)
-    else:  # string, adapter, bands, ints and any kind this plugin version does not know yet
-        default = p.default
-        if p.name == "device":
-            default = Settings.load().device  # the device chosen in the plugin's settings
-        elif isinstance(default, list | tuple):
+        if p.minimum is not None:  # the catalog's range, as in the panel's spin boxes
+            param.setMinimum(p.minimum)
+        if p.maximum is not None:
+            param.setMaximum(p.maximum)
+    else:  # string, editable choices, adapter, bands, ints and any kind this plugin version does not know yet
+        default = preferred if preferred is not None else p.default
+        if isinstance(default, list | tuple):
             default = ",".join(str(x) for x in default)
         param = QgsProcessingParameterString(p.name, label, default, optional=optional)
     param.setHelp(param_help(p))
@@ -95,6 +98,8 @@ def param_help(p: ParamInfo) -> str:
         return f"{p.help} {ADAPTER_HELP}"
     if p.kind in ("bands", "ints"):
         return f"{p.help} Comma-separated numbers, e.g. 1,2,3."
+    if p.choices and p.editable:
+        return f"{p.help} Suggested values: {', '.join(str(c) for c in p.choices)}."
     return p.help
 
 

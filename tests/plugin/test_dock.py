@@ -145,6 +145,8 @@ def test_every_catalog_job_gets_a_form_with_the_right_widget_per_kind(dock) -> N
             elif p.choices or p.name == "device":
                 assert isinstance(widget, QComboBox), p.name
                 assert form.value(p.name) == (p.default if p.name != "device" else "auto")
+                assert widget.isEditable() == p.editable, p.name  # the device: "cuda:1" can be typed
+                assert [widget.itemData(i) for i in range(widget.count())] == list(p.choices), p.name
             else:
                 assert isinstance(widget, expected[p.kind]), (name, p.name, type(widget))
             in_advanced = form.advanced.isAncestorOf(widget)
@@ -154,6 +156,16 @@ def test_every_catalog_job_gets_a_form_with_the_right_widget_per_kind(dock) -> N
                 assert form.value(p.name) == p.default, (name, p.name)
                 if p.default is None:
                     assert widget.specialValueText() == "auto"
+                # The catalog's range and step ("auto" sits one step below the minimum).
+                step = p.step or (1 if p.kind == "int" else 0.1)
+                assert widget.singleStep() == pytest.approx(step), (name, p.name)
+                if p.maximum is not None:
+                    assert widget.maximum() == pytest.approx(max(p.maximum, p.default or p.maximum)), (name, p.name)
+                if p.minimum is not None:
+                    low = p.minimum - step if p.default is None else min(p.minimum, p.default)
+                    assert widget.minimum() == pytest.approx(low), (name, p.name)
+            if p.kind == "adapter":
+                assert widget.method == (job.method or ""), (name, p.name)
             if p.kind == "bool":
                 assert form.value(p.name) is bool(p.default)
             if p.kind == "folder":

@@ -19,6 +19,7 @@ from qgis.PyQt.QtWidgets import QComboBox, QFormLayout, QLabel
 from rs_peft_qgis import catalog
 from rs_peft_qgis.dock.epochs import training_summary
 from rs_peft_qgis.form_hooks.pansharpen import ratio_check, ratio_hint
+from rs_peft_qgis.forms.job_form import JobForm
 
 DATA = ROOT / "tests" / "data" / "pansharpening" / "spacenet6"
 PAN, MS = DATA / "pan.tif", DATA / "ms.tif"
@@ -150,6 +151,22 @@ def test_an_ms_in_degrees_is_measured_on_the_ground(dock, tmp_path: Path) -> Non
     assert round(check.estimate, 1) != 2  # else the text would show two decimals, not "2.0 ×"
 
 
+def test_the_ratio_tolerance_is_the_catalogs_hint(dock, tmp_path: Path) -> None:
+    tolerance = catalog.load().task("pansharpen").hints["ratio_tolerance"]  # the backend's rule
+    geographic = add(warp(tmp_path, "ms_4326", dstSRS="EPSG:4326"), "ms 4326")
+    pan = add(PAN, "pan")
+    dock.run_tab.set_job("pansharpen.evaluate")
+    assert dock.run_tab.form.hints["ratio_tolerance"] == tolerance
+    # The same pair as above (more than 2 % off a whole ratio) passes with a looser hint.
+    loose = JobForm(catalog.load().jobs["pansharpen.evaluate"], None, {"ratio_tolerance": 0.2})
+    try:
+        loose.set_value("pan", pan)
+        loose.set_value("ms", geographic)
+        assert ratio_check(loose).ratio == 2 and hint_text(loose).startswith("Detected ratio: 2 ")
+    finally:
+        loose.deleteLater()
+
+
 def test_a_non_whole_ratio_asks_for_it_and_follows_the_pickers(dock, tmp_path: Path) -> None:
     coarse = add(warp(tmp_path, "ms_3_3", xRes=3.3 * PAN_PIXEL, yRes=3.3 * PAN_PIXEL), "ms 3.3")
     pan, ms = add(PAN, "pan"), add(MS, "ms")
@@ -273,10 +290,13 @@ def test_the_change_finetune_table_keeps_its_look(dock) -> None:
 
 
 def test_the_finished_summary_reads_well_for_both_finetunes() -> None:
+    jobs = catalog.load().jobs
     pansharpen = {"adapter": "pan", "best_stage": "adapter", "best_epoch": 3, "val_q2n": 0.9, "val_sam": 2.5}
-    assert training_summary(pansharpen) == (
+    assert training_summary(pansharpen, jobs["pansharpen.finetune"].stages) == (
         " · best epoch 3 of stage 2 (adapters) · validation Q2n 0.900 · validation SAM 2.500"
     )
     change = {"adapter": "c", "best_epoch": 7, "val_precision": 0.5, "val_f1": 0.61, "val_iou": 0.44, "val_oa": 0.9}
-    assert training_summary(change) == " · best epoch 7 · validation F1 0.610 · validation IoU 0.440"
-    assert training_summary({"adapter": "x"}) == ""
+    assert training_summary(change, jobs["change.finetune"].stages) == (
+        " · best epoch 7 · validation F1 0.610 · validation IoU 0.440"
+    )
+    assert training_summary({"adapter": "x"}, {}) == ""

@@ -130,14 +130,15 @@ def test_an_algorithm_for_every_catalog_job_with_matching_parameters(provider) -
         for p in job.params:
             d = alg.parameterDefinition(p.name)
             assert d is not None, f"{job.name}: {p.name}"
-            assert d.type() == ("enum" if p.choices else PROCESSING_TYPE[p.kind]), f"{job.name}: {p.name}"
+            enum = p.choices and not p.editable  # editable choices (the device) are suggestions: free text
+            assert d.type() == ("enum" if enum else PROCESSING_TYPE[p.kind]), f"{job.name}: {p.name}"
             optional = bool(d.flags() & Qgis.ProcessingParameterFlag.Optional)
             assert optional == (not p.required), f"{job.name}: {p.name}"
             assert bool(d.flags() & advanced) == (
                 not p.required and not p.is_layer and p.kind not in ("folder", "field") and not p.prominent
             ), f"{job.name}: {p.name}"
             assert p.help in alg.shortHelpString() and p.help in d.help()
-            if p.choices:
+            if enum:
                 assert d.options() == [str(c) for c in p.choices] and d.usesStaticStrings()
                 assert d.defaultValue() == (str(p.default) if p.default is not None else None)
             elif p.kind == "field":
@@ -151,6 +152,9 @@ def test_an_algorithm_for_every_catalog_job_with_matching_parameters(provider) -
                     else Qgis.ProcessingNumberParameterType.Double
                 )
                 assert d.dataType() == want and d.defaultValue() == p.default
+                # The catalog's range, as in the panel's spin boxes.
+                assert p.minimum is None or d.minimum() == p.minimum, f"{job.name}: {p.name}"
+                assert p.maximum is None or d.maximum() == p.maximum, f"{job.name}: {p.name}"
             elif p.kind == "adapter":
                 assert "adapters list" in d.help()
         outputs = {o.name(): o.type() for o in alg.outputDefinitions()}
