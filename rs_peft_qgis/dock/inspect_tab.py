@@ -9,7 +9,7 @@ from qgis.core import QgsMapLayer, QgsVectorLayer
 from qgis.PyQt.QtWidgets import QVBoxLayout, QWidget
 
 from rs_peft_qgis.compare import CompareWidget
-from rs_peft_qgis.inspection import ChangeInspector
+from rs_peft_qgis.inspection.inspector import ChangeInspector
 
 
 class InspectTab(QWidget):

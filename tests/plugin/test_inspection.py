@@ -22,14 +22,8 @@ from qgis.core import (
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 
-from rs_peft_qgis.inspection import (
-    NOT_REVIEWED,
-    VERDICT_FIELD,
-    ChangeInspector,
-    export_verdicts,
-    ordered_changes,
-    set_verdict,
-)
+from rs_peft_qgis.inspection.inspector import ChangeInspector
+from rs_peft_qgis.inspection.verdicts import NOT_REVIEWED, VERDICT_FIELD, export_verdicts, ordered_changes, set_verdict
 from rs_peft_qgis.worker_client import WorkerClient
 
 PAIR = "test_2_0000_0512"

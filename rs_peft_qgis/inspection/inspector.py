@@ -1,24 +1,13 @@
-"""Change inspection: step through result polygons biggest first, accept or reject each (kept as an
-attribute of the layer's own file), and export the verdicts as labels for the next fine-tune."""
+"""The change inspector of the panel's Inspect tab: a layer's polygons biggest first; select one to zoom
+to it, accept or reject it (A / R), export the verdicts as labels for the next fine-tune."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
-from qgis.core import (
-    Qgis,
-    QgsCoordinateTransform,
-    QgsCsException,
-    QgsDistanceArea,
-    QgsFeature,
-    QgsFeatureRequest,
-    QgsField,
-    QgsProject,
-    QgsRectangle,
-    QgsVectorDataProvider,
-    QgsVectorLayer,
-)
+from qgis.core import Qgis, QgsCoordinateTransform, QgsCsException, QgsProject, QgsRectangle, QgsVectorLayer
+from qgis.gui import QgsMapCanvas
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QBrush, QColor, QKeySequence
 from qgis.PyQt.QtWidgets import (
@@ -35,168 +24,42 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from rs_peft_qgis.annotation import apply_label_style
-from rs_peft_qgis.layers import export_vector
-
-VERDICT_FIELD = "verdict"
-ACCEPTED = "accepted"
-REJECTED = "rejected"
-LABEL_FIELD = "change"  # the exported labels: 1 = accepted change, 0 = rejected (no change)
-NOT_REVIEWED = "No change has been reviewed yet. Accept or reject some changes first, then export them as labels."
+from rs_peft_qgis.inspection.verdicts import (
+    ACCEPTED,
+    REJECTED,
+    change_rows,
+    export_labels,
+    readable_area,
+    set_verdict,
+)
 
 _ROW_COLOURS = {ACCEPTED: QColor(198, 239, 206), REJECTED: QColor(255, 199, 206)}
 _TEXT_COLOUR = QColor(0, 0, 0)
 
 
-def _string_field(name: str) -> QgsField:
-    if Qgis.QGIS_VERSION_INT >= 33800:  # QMetaType field types from 3.38 on (QVariant ones are gone in Qt6)
-        from qgis.PyQt.QtCore import QMetaType
-
-        return QgsField(name, QMetaType.Type.QString, "string", 16)
-    from qgis.PyQt.QtCore import QVariant
-
-    return QgsField(name, QVariant.String, "string", 16)
-
-
-def _number(value: object) -> float | None:
-    """A float from an attribute value; None for NULL or text."""
-    if value is None or (hasattr(value, "isNull") and value.isNull()):
-        return None
+def zoom_to_feature(canvas: QgsMapCanvas, layer: QgsVectorLayer, fid: int) -> str:
+    """Zoom the map to the feature with some margin around it, and flash it; "" or why it cannot."""
+    feat = layer.getFeature(fid)
+    if not feat.isValid() or not feat.hasGeometry():
+        return "This feature no longer exists in the layer."
+    transform = QgsCoordinateTransform(layer.crs(), canvas.mapSettings().destinationCrs(), QgsProject.instance())
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _measurer(layer: QgsVectorLayer) -> QgsDistanceArea:
-    """Areas in square metres whatever the layer's CRS (ellipsoidal for geographic coordinates)."""
-    da = QgsDistanceArea()
-    da.setSourceCrs(layer.crs(), QgsProject.instance().transformContext())
-    da.setEllipsoid(QgsProject.instance().ellipsoid() or "EPSG:7030")
-    return da
-
-
-def _area_m2(da: QgsDistanceArea, geometry) -> float:
-    if geometry is None or geometry.isEmpty():
-        return 0.0
-    area = da.measureArea(geometry)
-    return float(da.convertAreaMeasurement(area, Qgis.AreaUnit.SquareMeters))
-
-
-def change_rows(layer: QgsVectorLayer) -> list[tuple[int, float, float | None, str | None]]:
-    """(fid, area m², confidence or None, verdict or None) of every feature, biggest area first, then the
-    most confident; the area comes from `area_m2` when the layer has it, else from the geometry."""
-    fields = layer.fields()
-    has_area = fields.indexOf("area_m2") >= 0
-    has_conf = fields.indexOf("confidence") >= 0
-    has_verdict = fields.indexOf(VERDICT_FIELD) >= 0
-    request = QgsFeatureRequest()
-    wanted = [n for n, ok in (("area_m2", has_area), ("confidence", has_conf), (VERDICT_FIELD, has_verdict)) if ok]
-    request.setSubsetOfAttributes(wanted, fields)
-    da = _measurer(layer)
-    rows = []
-    for feat in layer.getFeatures(request):
-        area = _number(feat["area_m2"]) if has_area else None
-        if area is None:
-            area = _area_m2(da, feat.geometry())
-        conf = _number(feat["confidence"]) if has_conf else None
-        verdict = feat[VERDICT_FIELD] if has_verdict else None
-        rows.append((feat.id(), area, conf, verdict if verdict in (ACCEPTED, REJECTED) else None))
-    rows.sort(key=lambda r: (-r[1], -(r[2] if r[2] is not None else -1.0), r[0]))
-    return rows
-
-
-def ordered_changes(layer: QgsVectorLayer) -> list[int]:
-    """Feature ids sorted by area (m²) descending, then confidence descending."""
-    return [row[0] for row in change_rows(layer)]
-
-
-def _ensure_verdict_field(layer: QgsVectorLayer) -> int:
-    idx = layer.fields().indexOf(VERDICT_FIELD)
-    if idx >= 0:
-        return idx
-    provider = layer.dataProvider()
-    buffer = layer.editBuffer() if layer.isEditable() else None
-    if buffer is not None and buffer.addedAttributes():
-        # Fields added in the edit buffer sit after the file's fields: add ours there too, so their indexes hold.
-        if not layer.addAttribute(_string_field(VERDICT_FIELD)):
-            raise ValueError(f"A '{VERDICT_FIELD}' field cannot be added to the layer '{layer.name()}'.")
-    else:
-        if provider is None or not provider.capabilities() & QgsVectorDataProvider.AddAttributes:
-            raise ValueError(
-                f"The layer '{layer.name()}' is read-only, so verdicts cannot be kept in it. "
-                "Save it as a GeoPackage (Export > Save Features As…) and review that copy."
-            )
-        if not provider.addAttributes([_string_field(VERDICT_FIELD)]):
-            raise ValueError(f"A '{VERDICT_FIELD}' field cannot be added to the layer '{layer.name()}'.")
-        layer.updateFields()
-    idx = layer.fields().indexOf(VERDICT_FIELD)
-    if idx < 0:
-        raise ValueError(f"A '{VERDICT_FIELD}' field cannot be added to the layer '{layer.name()}'.")
-    return idx
-
-
-def set_verdict(layer: QgsVectorLayer, fid: int, verdict: str | None) -> None:
-    """Keep 'accepted' / 'rejected' (None: not reviewed) in the feature's `verdict` attribute: written to
-    the file at once, or into the edit buffer when the layer is being edited."""
-    if verdict not in (ACCEPTED, REJECTED, None):
-        raise ValueError(f"A verdict is '{ACCEPTED}', '{REJECTED}' or empty, not {verdict!r}.")
-    idx = _ensure_verdict_field(layer)
-    if layer.isEditable():
-        if not layer.changeAttributeValue(fid, idx, verdict):
-            raise ValueError(f"The verdict of feature {fid} of '{layer.name()}' could not be changed.")
-    else:
-        provider = layer.dataProvider()
-        if not provider.capabilities() & QgsVectorDataProvider.ChangeAttributeValues:
-            raise ValueError(f"The layer '{layer.name()}' is read-only, so verdicts cannot be kept in it.")
-        if not provider.changeAttributeValues({fid: {idx: verdict}}):
-            raise ValueError(f"The verdict of feature {fid} of '{layer.name()}' could not be saved.")
-    layer.triggerRepaint()
-
-
-def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None) -> tuple[int, int]:
-    """Write the reviewed polygons to a GeoPackage with `change` = 1 (accepted) / 0 (rejected): labels
-    for change.finetune with label_field="change". Returns (accepted, rejected)."""
-    if layer.fields().indexOf(VERDICT_FIELD) < 0:
-        raise ValueError(NOT_REVIEWED)
-    crs_text = layer.crs().authid()
-    out = QgsVectorLayer(
-        f"MultiPolygon?field={LABEL_FIELD}:integer&field={VERDICT_FIELD}:string(16)", "reviewed labels", "memory"
+        rect = transform.transformBoundingBox(feat.geometry().boundingBox())
+    except QgsCsException:  # the feature lies outside the map CRS's valid area
+        return "This feature cannot be shown in the map's coordinate system."
+    # Show the polygon with its surroundings; a point or tiny polygon still gets a readable view.
+    size = max(rect.width(), rect.height())
+    if size <= 0:
+        size = canvas.mapUnitsPerPixel() * 50 or 1.0
+    margin = size * 0.5
+    canvas.setExtent(
+        QgsRectangle(
+            rect.xMinimum() - margin, rect.yMinimum() - margin, rect.xMaximum() + margin, rect.yMaximum() + margin
+        )
     )
-    out.setCrs(layer.crs())
-    counts = {ACCEPTED: 0, REJECTED: 0}
-    feats = []
-    request = QgsFeatureRequest().setSubsetOfAttributes([VERDICT_FIELD], layer.fields())
-    for feat in layer.getFeatures(request):
-        verdict = feat[VERDICT_FIELD]
-        if verdict not in counts or not feat.hasGeometry():
-            continue
-        geom = feat.geometry()
-        geom.convertToMultiType()
-        f = QgsFeature(out.fields())
-        f.setGeometry(geom)
-        f.setAttributes([1 if verdict == ACCEPTED else 0, verdict])
-        feats.append(f)
-        counts[verdict] += 1
-    if not feats:
-        raise ValueError(NOT_REVIEWED)
-    if not out.dataProvider().addFeatures(feats)[0]:
-        raise ValueError(f"The reviewed polygons of '{layer.name()}' ({crs_text}) could not be copied.")
-    path = Path(path)
-    if path.suffix.lower() != ".gpkg":
-        path = path.with_suffix(".gpkg")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_vector(out, path, crs=crs)
-    return counts[ACCEPTED], counts[REJECTED]
-
-
-def readable_area(m2: float) -> str:
-    """123 m², 45.6 m² or 1.23 ha: what an analyst reads at a glance."""
-    if m2 >= 10_000:
-        return f"{m2 / 10_000:,.2f} ha"
-    if m2 >= 100:
-        return f"{m2:,.0f} m²"
-    return f"{m2:.1f} m²"
+    canvas.refresh()
+    canvas.flashFeatureIds(layer, [fid])
+    return ""
 
 
 class ChangeInspector(QWidget):
@@ -372,31 +235,9 @@ class ChangeInspector(QWidget):
         """Zoom the map to the feature with some margin around it, and flash it."""
         if self.layer is None or self.iface is None:
             return
-        feat = self.layer.getFeature(fid)
-        if not feat.isValid() or not feat.hasGeometry():
-            self._push("This feature no longer exists in the layer.", Qgis.MessageLevel.Warning)
-            return
-        canvas = self.iface.mapCanvas()
-        transform = QgsCoordinateTransform(
-            self.layer.crs(), canvas.mapSettings().destinationCrs(), QgsProject.instance()
-        )
-        try:
-            rect = transform.transformBoundingBox(feat.geometry().boundingBox())
-        except QgsCsException:  # the feature lies outside the map CRS's valid area
-            self._push("This feature cannot be shown in the map's coordinate system.", Qgis.MessageLevel.Warning)
-            return
-        # Show the polygon with its surroundings; a point or tiny polygon still gets a readable view.
-        size = max(rect.width(), rect.height())
-        if size <= 0:
-            size = canvas.mapUnitsPerPixel() * 50 or 1.0
-        margin = size * 0.5
-        canvas.setExtent(
-            QgsRectangle(
-                rect.xMinimum() - margin, rect.yMinimum() - margin, rect.xMaximum() + margin, rect.yMaximum() + margin
-            )
-        )
-        canvas.refresh()
-        canvas.flashFeatureIds(self.layer, [fid])
+        problem = zoom_to_feature(self.iface.mapCanvas(), self.layer, fid)
+        if problem:
+            self._push(problem, Qgis.MessageLevel.Warning)
 
     # --- verdicts ------------------------------------------------------------------------------
     def judge(self, verdict: str | None) -> None:
@@ -456,25 +297,12 @@ class ChangeInspector(QWidget):
         if self.layer is None:
             self._push("Pick a layer of change polygons to review first.", Qgis.MessageLevel.Info)
             return None
-        path = Path(path)
-        if path.suffix.lower() != ".gpkg":
-            path = path.with_suffix(".gpkg")
         try:
-            accepted, rejected = export_verdicts(self.layer, path)
+            labels, message = export_labels(self.layer, path)
         except ValueError as exc:
             self._push(str(exc), Qgis.MessageLevel.Warning)
             return None
-        labels = QgsVectorLayer(str(path), f"{self.layer.name()} – reviewed labels", "ogr")
-        if not labels.isValid():
-            self._push(f"The labels were written to {path} but cannot be opened.", Qgis.MessageLevel.Warning)
-            return None
-        apply_label_style(labels, "change")
-        QgsProject.instance().addMapLayer(labels)
-        self._push(
-            f"Exported {accepted} accepted and {rejected} rejected changes to {path.name}. "
-            f"Use it as labels (field '{LABEL_FIELD}') for the next fine-tune.",
-            Qgis.MessageLevel.Success,
-        )
+        self._push(message, Qgis.MessageLevel.Success)
         return labels
 
     def _push(self, text: str, level) -> None:

@@ -1,0 +1,196 @@
+"""Verdicts on change polygons, kept in a `verdict` attribute of the layer's own file, and their export as
+labels for the next fine-tune (`change` = 1 accepted, 0 rejected)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import (
+    Qgis,
+    QgsDistanceArea,
+    QgsFeature,
+    QgsFeatureRequest,
+    QgsField,
+    QgsProject,
+    QgsVectorDataProvider,
+    QgsVectorLayer,
+)
+
+from rs_peft_qgis.annotation import apply_label_style
+from rs_peft_qgis.layers import export_vector
+
+VERDICT_FIELD = "verdict"
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+LABEL_FIELD = "change"  # the exported labels: 1 = accepted change, 0 = rejected (no change)
+NOT_REVIEWED = "No change has been reviewed yet. Accept or reject some changes first, then export them as labels."
+
+
+def _string_field(name: str) -> QgsField:
+    if Qgis.QGIS_VERSION_INT >= 33800:  # QMetaType field types from 3.38 on (QVariant ones are gone in Qt6)
+        from qgis.PyQt.QtCore import QMetaType
+
+        return QgsField(name, QMetaType.Type.QString, "string", 16)
+    from qgis.PyQt.QtCore import QVariant
+
+    return QgsField(name, QVariant.String, "string", 16)
+
+
+def _number(value: object) -> float | None:
+    """A float from an attribute value; None for NULL or text."""
+    if value is None or (hasattr(value, "isNull") and value.isNull()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _measurer(layer: QgsVectorLayer) -> QgsDistanceArea:
+    """Areas in square metres whatever the layer's CRS (ellipsoidal for geographic coordinates)."""
+    da = QgsDistanceArea()
+    da.setSourceCrs(layer.crs(), QgsProject.instance().transformContext())
+    da.setEllipsoid(QgsProject.instance().ellipsoid() or "EPSG:7030")
+    return da
+
+
+def _area_m2(da: QgsDistanceArea, geometry) -> float:
+    if geometry is None or geometry.isEmpty():
+        return 0.0
+    area = da.measureArea(geometry)
+    return float(da.convertAreaMeasurement(area, Qgis.AreaUnit.SquareMeters))
+
+
+def change_rows(layer: QgsVectorLayer) -> list[tuple[int, float, float | None, str | None]]:
+    """(fid, area m², confidence or None, verdict or None) of every feature, biggest area first, then the
+    most confident; the area comes from `area_m2` when the layer has it, else from the geometry."""
+    fields = layer.fields()
+    has_area = fields.indexOf("area_m2") >= 0
+    has_conf = fields.indexOf("confidence") >= 0
+    has_verdict = fields.indexOf(VERDICT_FIELD) >= 0
+    request = QgsFeatureRequest()
+    wanted = [n for n, ok in (("area_m2", has_area), ("confidence", has_conf), (VERDICT_FIELD, has_verdict)) if ok]
+    request.setSubsetOfAttributes(wanted, fields)
+    da = _measurer(layer)
+    rows = []
+    for feat in layer.getFeatures(request):
+        area = _number(feat["area_m2"]) if has_area else None
+        if area is None:
+            area = _area_m2(da, feat.geometry())
+        conf = _number(feat["confidence"]) if has_conf else None
+        verdict = feat[VERDICT_FIELD] if has_verdict else None
+        rows.append((feat.id(), area, conf, verdict if verdict in (ACCEPTED, REJECTED) else None))
+    rows.sort(key=lambda r: (-r[1], -(r[2] if r[2] is not None else -1.0), r[0]))
+    return rows
+
+
+def ordered_changes(layer: QgsVectorLayer) -> list[int]:
+    """Feature ids sorted by area (m²) descending, then confidence descending."""
+    return [row[0] for row in change_rows(layer)]
+
+
+def _ensure_verdict_field(layer: QgsVectorLayer) -> int:
+    idx = layer.fields().indexOf(VERDICT_FIELD)
+    if idx >= 0:
+        return idx
+    provider = layer.dataProvider()
+    buffer = layer.editBuffer() if layer.isEditable() else None
+    if buffer is not None and buffer.addedAttributes():
+        # Fields added in the edit buffer sit after the file's fields: add ours there too, so their indexes hold.
+        if not layer.addAttribute(_string_field(VERDICT_FIELD)):
+            raise ValueError(f"A '{VERDICT_FIELD}' field cannot be added to the layer '{layer.name()}'.")
+    else:
+        if provider is None or not provider.capabilities() & QgsVectorDataProvider.AddAttributes:
+            raise ValueError(
+                f"The layer '{layer.name()}' is read-only, so verdicts cannot be kept in it. "
+                "Save it as a GeoPackage (Export > Save Features As…) and review that copy."
+            )
+        if not provider.addAttributes([_string_field(VERDICT_FIELD)]):
+            raise ValueError(f"A '{VERDICT_FIELD}' field cannot be added to the layer '{layer.name()}'.")
+        layer.updateFields()
+    idx = layer.fields().indexOf(VERDICT_FIELD)
+    if idx < 0:
+        raise ValueError(f"A '{VERDICT_FIELD}' field cannot be added to the layer '{layer.name()}'.")
+    return idx
+
+
+def set_verdict(layer: QgsVectorLayer, fid: int, verdict: str | None) -> None:
+    """Keep 'accepted' / 'rejected' (None: not reviewed) in the feature's `verdict` attribute: written to
+    the file at once, or into the edit buffer when the layer is being edited."""
+    if verdict not in (ACCEPTED, REJECTED, None):
+        raise ValueError(f"A verdict is '{ACCEPTED}', '{REJECTED}' or empty, not {verdict!r}.")
+    idx = _ensure_verdict_field(layer)
+    if layer.isEditable():
+        if not layer.changeAttributeValue(fid, idx, verdict):
+            raise ValueError(f"The verdict of feature {fid} of '{layer.name()}' could not be changed.")
+    else:
+        provider = layer.dataProvider()
+        if not provider.capabilities() & QgsVectorDataProvider.ChangeAttributeValues:
+            raise ValueError(f"The layer '{layer.name()}' is read-only, so verdicts cannot be kept in it.")
+        if not provider.changeAttributeValues({fid: {idx: verdict}}):
+            raise ValueError(f"The verdict of feature {fid} of '{layer.name()}' could not be saved.")
+    layer.triggerRepaint()
+
+
+def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None) -> tuple[int, int]:
+    """Write the reviewed polygons to a GeoPackage with `change` = 1 (accepted) / 0 (rejected): labels
+    for change.finetune with label_field="change". Returns (accepted, rejected)."""
+    if layer.fields().indexOf(VERDICT_FIELD) < 0:
+        raise ValueError(NOT_REVIEWED)
+    crs_text = layer.crs().authid()
+    out = QgsVectorLayer(
+        f"MultiPolygon?field={LABEL_FIELD}:integer&field={VERDICT_FIELD}:string(16)", "reviewed labels", "memory"
+    )
+    out.setCrs(layer.crs())
+    counts = {ACCEPTED: 0, REJECTED: 0}
+    feats = []
+    request = QgsFeatureRequest().setSubsetOfAttributes([VERDICT_FIELD], layer.fields())
+    for feat in layer.getFeatures(request):
+        verdict = feat[VERDICT_FIELD]
+        if verdict not in counts or not feat.hasGeometry():
+            continue
+        geom = feat.geometry()
+        geom.convertToMultiType()
+        f = QgsFeature(out.fields())
+        f.setGeometry(geom)
+        f.setAttributes([1 if verdict == ACCEPTED else 0, verdict])
+        feats.append(f)
+        counts[verdict] += 1
+    if not feats:
+        raise ValueError(NOT_REVIEWED)
+    if not out.dataProvider().addFeatures(feats)[0]:
+        raise ValueError(f"The reviewed polygons of '{layer.name()}' ({crs_text}) could not be copied.")
+    path = Path(path)
+    if path.suffix.lower() != ".gpkg":
+        path = path.with_suffix(".gpkg")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_vector(out, path, crs=crs)
+    return counts[ACCEPTED], counts[REJECTED]
+
+
+def readable_area(m2: float) -> str:
+    """123 m², 45.6 m² or 1.23 ha: what an analyst reads at a glance."""
+    if m2 >= 10_000:
+        return f"{m2 / 10_000:,.2f} ha"
+    if m2 >= 100:
+        return f"{m2:,.0f} m²"
+    return f"{m2:.1f} m²"
+
+
+def export_labels(layer: QgsVectorLayer, path: Path) -> tuple[QgsVectorLayer, str]:
+    """Export the verdicts of `layer` to `path` (.gpkg), add the labels layer, styled, to the project; the
+    layer and a message for the analyst. ValueError (in plain words) when nothing can be exported."""
+    path = Path(path)
+    if path.suffix.lower() != ".gpkg":
+        path = path.with_suffix(".gpkg")
+    accepted, rejected = export_verdicts(layer, path)
+    labels = QgsVectorLayer(str(path), f"{layer.name()} – reviewed labels", "ogr")
+    if not labels.isValid():
+        raise ValueError(f"The labels were written to {path} but cannot be opened.")
+    apply_label_style(labels, "change")
+    QgsProject.instance().addMapLayer(labels)
+    message = (
+        f"Exported {accepted} accepted and {rejected} rejected changes to {path.name}. "
+        f"Use it as labels (field '{LABEL_FIELD}') for the next fine-tune."
+    )
+    return labels, message
