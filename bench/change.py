@@ -95,7 +95,7 @@ def measure_training(
 ) -> dict[str, Any]:
     """One training configuration: s/step, peak and baseline memory, parameter counts, saved activations."""
     torch.manual_seed(RANDOM_BACKBONE_SEED)
-    model = build_filf(backbone, "bcd", rank=rank).to(device).train()
+    model = build_filf(backbone, rank=rank).to(device).train()
     if full:
         model.requires_grad_(True)
     if checkpointing:
@@ -176,7 +176,7 @@ def save_adapter(backbone: str, rank: int, patch: int) -> dict[str, Any]:
         bands=[1, 2, 3],
         normalization=norm,
         classes=["no change", "change"],
-        config={"rank": rank, "mode": "bcd", "patch_size": patch, "random_backbone_seed": RANDOM_BACKBONE_SEED},
+        config={"rank": rank, "patch_size": patch, "random_backbone_seed": RANDOM_BACKBONE_SEED},
     )
     model = FILF.build(backbone, meta.config, 3, {})
     folder = adapters.save(ADAPTER, model.adapter_state_dict(), meta, overwrite=True)

@@ -96,7 +96,9 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
             )
     finally:
         app.close()
-    return sink.finish()
+    result = sink.finish()
+    result.metrics = {"adapter": meta.name, **result.metrics}
+    return result
 
 
 def job(method: MethodSpec) -> JobSpec:

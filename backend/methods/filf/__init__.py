@@ -8,8 +8,6 @@ from .decoder import (
     FourierUnit,
     FrequencyFeatureEnhancement,
     PredictionHead,
-    SCDDecoder,
-    SCDOutput,
 )
 from .interaction import BiTemporalInteractionLoRA, FrequencyFeatureInteraction, inject_bitemporal_lora
 from .model import FAMILIES, FILF, build_backbone, build_filf
@@ -27,8 +25,6 @@ __all__ = [
     "FrequencyFeatureEnhancement",
     "FrequencyFeatureInteraction",
     "PredictionHead",
-    "SCDDecoder",
-    "SCDOutput",
     "build_backbone",
     "build_filf",
     "inject_bitemporal_lora",

@@ -1,11 +1,12 @@
 """The FILF model: a frozen SAM / MobileSAM encoder shared by both dates, BIF-LoRA in every attention, and
-a BCD or SCD decoder (methods.md §4)."""
+the binary change (BCD) decoder (methods.md §4). The paper's semantic change decoder (SCD) is not built: no job
+offers semantic change fine-tuning yet, and no semantic change data is at hand to test it on."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,10 +18,8 @@ from backend.models.backbones.base import Backbone
 from backend.models.peft.freeze import FreezePolicy, apply_freezing
 from backend.models.peft.state import AdapterState
 
-from .decoder import BCDDecoder, SCDDecoder, SCDOutput
+from .decoder import BCDDecoder
 from .interaction import inject_bitemporal_lora
-
-Mode = Literal["bcd", "scd"]
 
 FAMILIES: dict[str, ModuleType] = {"tiny_vit": tiny_vit, "sam_vit": sam_vit}
 
@@ -31,34 +30,26 @@ POLICY = FreezePolicy(trainable=("decoder.*",))
 class FILF(AdapterState, nn.Module):
     """Bi-temporal change detection on a frozen encoder with BiTemporalInteractionLoRA on every qkv.
 
-    forward(x1, x2) with (B, 3, H, W) images of both dates: "bcd" -> (B, 2, H, W) logits; "scd" -> SCDOutput
-    (change logit (B, 1, H, W), sem1 and sem2 (B, num_seg, H, W)). Both dates pass through the encoder as one
-    stacked batch, which is how the LoRA modules find them. Training needs at least 2 pairs per batch (the
-    decoder's Fourier units batch-normalise pooled features).
+    forward(x1, x2) with (B, 3, H, W) images of both dates -> (B, 2, H, W) logits (no change, change). Both
+    dates pass through the encoder as one stacked batch, which is how the LoRA modules find them. Training needs
+    at least 2 pairs per batch (the decoder's Fourier units batch-normalise pooled features).
     """
 
-    def __init__(
-        self, backbone: Backbone, mode: Mode = "bcd", num_seg: int = 7, rank: int = 8, alpha: float = 1.0
-    ) -> None:
+    def __init__(self, backbone: Backbone, rank: int = 8, alpha: float = 1.0) -> None:
         super().__init__()
-        if mode not in ("bcd", "scd"):
-            raise ValueError(f"FILF mode must be 'bcd' or 'scd', got {mode!r}")
-        self.mode = mode
         self.backbone = backbone
         self.lora_layers = inject_bitemporal_lora(backbone, rank, alpha)
         if not self.lora_layers:
             raise ValueError(f"{type(backbone).__name__} has no fused attn.qkv projection to adapt")
         channels = backbone.config.out_chans
-        self.decoder: BCDDecoder | SCDDecoder = (
-            BCDDecoder(channels, 2) if mode == "bcd" else SCDDecoder(channels, num_seg)
-        )
+        self.decoder = BCDDecoder(channels, 2)
         self.freeze()
 
     def freeze(self) -> None:
         """Freeze every encoder weight; train the LoRA tensors (`lora_*`) and the decoder."""
         apply_freezing(self, POLICY)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | SCDOutput:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         if x1.shape != x2.shape:
             raise ValueError(f"both dates need the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
         f1, f2 = self.backbone(torch.cat([x1, x2])).chunk(2)
@@ -93,10 +84,8 @@ def build_backbone(backbone_name: str) -> Backbone:
 
 def build_filf(
     backbone_name: str,
-    mode: Mode = "bcd",
     rank: int = 8,
     alpha: float = 1.0,
-    num_seg: int = 7,
     backbone_state: Mapping[str, torch.Tensor] | None = None,
 ) -> FILF:
     """FILF on the named backbone. Without `backbone_state` the encoder is randomly initialised; with it (an
@@ -105,7 +94,7 @@ def build_filf(
     backbone = build_backbone(backbone_name)
     if backbone_state is not None:
         FAMILIES[weights.backbone_info(backbone_name).family].load_official(backbone, backbone_state)
-    return FILF(backbone, mode, num_seg, rank, alpha)
+    return FILF(backbone, rank, alpha)
 
 
 def _checkpointed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -111,7 +111,7 @@ def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[s
     torch.manual_seed(RANDOM_BACKBONE_SEED)
     path = checkpoints.get(backbone)
     state = read_checkpoint(path) if path else None
-    return build_filf(backbone, config.get("mode", "bcd"), rank=config["rank"], backbone_state=state)
+    return build_filf(backbone, rank=config["rank"], backbone_state=state)
 
 
 def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
@@ -134,7 +134,7 @@ def training_on(areas: list[TrainingArea], dtype: np.dtype, bands: list[int], p:
         dtype=dtype,
         normalization=norm,
         grid=areas[0].grid,
-        config={"rank": p["rank"], "mode": "bcd", "patch_size": p["patch_size"]},
+        config={"rank": p["rank"], "patch_size": p["patch_size"]},
         recipe=lambda model, device: recipe(model, areas, norm, p, device),
         classes=["no change", "change"],
         areas=len(areas),
@@ -161,7 +161,7 @@ def open_detect(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applic
         return torch.sigmoid(model(norm(x[:, :nb]), norm(x[:, nb:]))[:, 1:2].float())
 
     def sink(block: int) -> MapOutputs:
-        extra = {"adapter": meta.name, "threshold": p["threshold"]}
+        extra = {"threshold": p["threshold"]}
         return MapOutputs(
             ctx,
             Path(p["out_dir"]),
