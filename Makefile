@@ -24,11 +24,11 @@ export QT_QPA_PLATFORM := offscreen
 export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help setup system test test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog screenshots
+.PHONY: help setup system test test-slow test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog screenshots
 
 help:
 	@echo "make demo    - set up, then run change detection on the bundled LEVIR-CD pair (outputs in demo_out/)"
-	@echo "make test    - set up, then run the whole test suite"
+	@echo "make test    - set up, then run the test suite (all but the few slow tests, which make test-slow runs)"
 	@echo "make setup   - install QGIS 3.40 LTR + tools (apt) and create .venv (backend) and .venv-qgis"
 	@echo "make bench   - benchmarks (bench/), results in bench/results/"
 	@echo "make lint    - ruff check + format check"
@@ -65,8 +65,12 @@ $(VQ)/.ok: requirements/qgis-test.txt
 
 test: setup test-backend test-plugin test-desktop
 
+# `slow` tests (official architectures at full 1024² resolution on the CPU) run in CI after `make test`.
 test-backend:
-	$(VB)/bin/python -m pytest -q tests/backend
+	$(VB)/bin/python -m pytest -q -m "not slow" tests/backend
+
+test-slow: setup
+	$(VB)/bin/python -m pytest -q -m slow tests/backend
 
 test-plugin:
 	$(VQ)/bin/python -m pytest -q -p no:cacheprovider tests/plugin

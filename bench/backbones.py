@@ -10,26 +10,27 @@ process: peak memory is its VmHWM on CPU, or torch.cuda.max_memory_allocated on 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
+from backend import weights
+from bench.machine import machine_record
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
-# registry name -> (family module, variant, input shape without the batch dimension)
-MODELS: dict[str, tuple[str, str, tuple[int, ...]]] = {
-    "mobile_sam": ("tiny_vit", "vit_t", (3, 1024, 1024)),
-    "sam_vit_b": ("sam_vit", "vit_b", (3, 1024, 1024)),
-    "sam_vit_l": ("sam_vit", "vit_l", (3, 1024, 1024)),
-    "sam_vit_h": ("sam_vit", "vit_h", (3, 1024, 1024)),
-    "uniperceiver_vit_l": ("vit", "uniperceiver_vit_l", (3, 224, 224)),
-    "scalemae_vit_l": ("vit", "scalemae_vit_l", (3, 224, 224)),
-    "ipt": ("ipt", "ipt", (576, 16, 16)),  # the body's fixed 16x16 grid of 576-d features (PanAdapter)
-    "edsr_baseline_x2": ("edsr", "edsr_baseline", (3, 64, 64)),  # PanAdapter's 64x64 training patches
+# registry name -> input shape without the batch dimension (family and variant come from the weights registry)
+MODELS: dict[str, tuple[int, ...]] = {
+    "mobile_sam": (3, 1024, 1024),
+    "sam_vit_b": (3, 1024, 1024),
+    "sam_vit_l": (3, 1024, 1024),
+    "sam_vit_h": (3, 1024, 1024),
+    "uniperceiver_vit_l": (3, 224, 224),
+    "scalemae_vit_l": (3, 224, 224),
+    "ipt": (576, 16, 16),  # the body's fixed 16x16 grid of 576-d features (PanAdapter)
+    "edsr_baseline_x2": (3, 64, 64),  # PanAdapter's 64x64 training patches
 }
 
 CHILD = """
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     print(f"{'model':<20} {'input':<16} {'params M':>9} {'img/s':>8} {'s/batch':>8} {'peak MB':>9}")
     for name in args.models:
-        family, variant, shape = MODELS[name]
+        info, shape = weights.backbone_info(name), MODELS[name]
+        family, variant = info.family, info.variant
         payload = [family, variant, list(shape), args.device, args.dtype, args.batch, args.seconds, args.math_attention]
         proc = subprocess.run(
             [sys.executable, "-c", CHILD, json.dumps(payload)], cwd=ROOT, capture_output=True, text=True
@@ -100,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = {
         "benchmark": "backbones",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.machine()}",
+        **machine_record(args.device),
         "device": args.device,
         "dtype": args.dtype,
         "math_attention": args.math_attention,

@@ -20,10 +20,8 @@ Goal: PEFT needs at most 50% of full fine-tuning's peak memory.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +40,7 @@ from backend.methods.filf import build_filf
 from backend.methods.filf.training import change_loss
 from backend.methods.spec import RANDOM_BACKBONE_SEED
 from backend.models.peft.freeze import count_parameters
+from bench.machine import machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -264,12 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = {
         "benchmark": "change (FILF PEFT vs full fine-tuning, change.detect)",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.machine()}",
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1_5_15min": {"start": load_at_start, "end": os.getloadavg()},
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        **machine_record(device, load_at_start),
         "weights": "random",
         "settings": {
             "backbone": args.backbone,

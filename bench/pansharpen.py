@@ -15,10 +15,8 @@ autocast; --dtype fp32 times training without it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -35,6 +33,7 @@ from backend.jobs import JOBS
 from backend.jobs.base import run_job
 from backend.methods.panadapter import SPEC as PANADAPTER
 from backend.methods.spec import RANDOM_BACKBONE_SEED
+from bench.machine import machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -152,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  fine-tune step, stage {stage} ({size}): {r['s_per_step']:.3f} s, {r['trainable_params']:,} trainable")
     out = {
         "benchmark": "pansharpen (PanAdapter apply and fine-tune steps, Brovey)",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.machine()}",
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1_5_15min": {"start": load_at_start, "end": os.getloadavg()},
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        **machine_record(device, load_at_start),
         "weights": "random",
         "settings": vars(args) | {"pan": str(args.pan), "ms": str(args.ms), "device": device},
         "scene": {"megapixels": megapixels, "bands": bands, "ratio": ratio},

@@ -10,9 +10,7 @@ Goal (issue 2): the peak RSS at 8k² and 16k² stays within +20% of the 2k² fig
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,6 +21,8 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
+
+from bench.machine import machine_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = {
         "benchmark": "raster_memory (change.cva)",
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": __import__("os").cpu_count(),
+        **machine_record(),
         "records": records,
         "goal_met": all(r["rss_vs_first"] <= 0.20 for r in records),
     }

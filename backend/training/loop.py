@@ -34,7 +34,7 @@ class Stage:
 @dataclass
 class Recipe:
     stages: list[Stage]
-    sample: Callable[[int], Batch]  # a batch of the given size, on the CPU
+    sample: Callable[[int], tuple[np.ndarray, ...]]  # a batch of the given size (a sampler's `sample`)
     loss: Callable[[nn.Module, Batch], torch.Tensor]  # forward + loss (the loop autocasts it on CUDA)
     validate: Callable[[nn.Module], dict[str, float]]  # scores on the held-out part (the loop sets eval())
     metric: str  # key of `validate`'s result that picks the best epoch (higher is better)
@@ -46,6 +46,11 @@ class Recipe:
     seed: int = 0
     # Later stages start from the best state so far (PanAdapter's stage 2 refines stage 1's best epoch).
     resume_best: bool = False
+
+
+def loop_settings(p: dict[str, Any]) -> dict[str, Any]:
+    """The loop's settings from a fine-tuning job's parameters of the same names (declared in backend.params)."""
+    return {k: p[k] for k in ("steps_per_epoch", "batch_size", "patience")}
 
 
 @dataclass
@@ -82,7 +87,7 @@ def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
             model.train()
             losses = []
             for step in range(recipe.steps_per_epoch):
-                batch = tuple(t.to(device) for t in recipe.sample(recipe.batch_size))
+                batch = tuple(torch.from_numpy(a).to(device) for a in recipe.sample(recipe.batch_size))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = recipe.loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)

@@ -132,6 +132,7 @@ def test_attention_bias_index_is_the_official_one(pair_256) -> None:
         assert torch.equal(ours.layers[stage].blocks[0].attn.attention_bias_idxs, want)
 
 
+@pytest.mark.slow  # one 1024² forward of each encoder on the CPU (30 s on 2 loaded cores)
 @torch.no_grad()
 def test_vit_t_loads_a_full_mobile_sam_state_dict_and_matches_official_at_1024() -> None:
     # One 1024x1024 forward of each encoder, the only size the official forward runs at: a few seconds each.

@@ -70,7 +70,7 @@ def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
 
         return Recipe(
             [Stage("head", "", p["epochs"], 0.05)],
-            sample=lambda n: tuple(torch.from_numpy(a) for a in sampler.sample(n)),
+            sample=sampler.sample,
             loss=lambda m, b: nn.functional.binary_cross_entropy_with_logits(m(b[0]), b[1]),
             validate=validate,
             metric="iou",

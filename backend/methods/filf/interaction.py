@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from backend.models.peft.lora import inject_lora
+from backend.models.peft.lora import LinearWrapper, inject_lora
 
 
 def fft_ready(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ class FrequencyFeatureInteraction(nn.Module):
         return out.to(delta.dtype)
 
 
-class BiTemporalInteractionLoRA(nn.Module):
+class BiTemporalInteractionLoRA(LinearWrapper):
     """A frozen fused qkv projection (d -> 3d) with FILF's cross-date LoRA update.
 
     The input's leading dimension holds the date-1 items, then the date-2 items; any dimensions between it
@@ -71,14 +71,6 @@ class BiTemporalInteractionLoRA(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_ffi = FrequencyFeatureInteraction(out)
         self.lora_scale = nn.Parameter(torch.tensor((1.0 if alpha is None else alpha) / rank))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def interaction(self, x: torch.Tensor) -> torch.Tensor:
         """s·Δ' for the stacked input x (2B, ..., d): one (B, L, 3d) update shared by both dates."""

@@ -19,7 +19,7 @@ from backend import weights
 from backend.io.rasterize import IGNORE
 from backend.metrics.change import BinaryConfusion
 from backend.training.change_data import TrainingArea, train_val_parts, val_patches
-from backend.training.loop import Recipe, Stage
+from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.samplers import LabelledPatchSampler
 
 SEED = 32767  # the official seed
@@ -108,14 +108,12 @@ def recipe(
     )
     return Recipe(
         [stage],
-        sample=lambda n: tuple(torch.from_numpy(a) for a in sampler.sample(n)),
+        sample=sampler.sample,
         loss=loss,
         validate=lambda m: evaluate_patches(m, val, normalize, p["batch_size"], dev),
         metric="iou",
         describe=lambda m: f"F1 {m['f1']:.3f}, IoU {m['iou']:.3f}",
-        steps_per_epoch=p["steps_per_epoch"],
-        batch_size=p["batch_size"],
-        patience=p["patience"],
         device=device,
+        **loop_settings(p),
         seed=SEED,
     )

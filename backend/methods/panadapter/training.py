@@ -27,7 +27,7 @@ import torch
 
 from backend.methods.pansharpening_classic import upsample, wald_protocol
 from backend.metrics.pansharpening import reduced_resolution_metrics
-from backend.training.loop import Recipe, Stage
+from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.samplers import GridPatchSampler
 
 from .model import PanAdapter
@@ -148,15 +148,13 @@ def recipe(model: PanAdapter, train: RRSet, val: RRSet, p: dict[str, Any], patch
     ]
     return Recipe(
         stages,
-        sample=lambda n: tuple(torch.from_numpy(a) for a in sampler.sample(n)),
+        sample=sampler.sample,
         loss=loss,  # type: ignore[arg-type]
         validate=lambda m: validate(m, val, ratio, dev),  # type: ignore[arg-type]
         metric="q2n",
         describe=lambda m: f"Q2n {m['q2n']:.4f}, SAM {m['sam']:.3f}",
-        steps_per_epoch=p["steps_per_epoch"],
-        batch_size=p["batch_size"],
-        patience=p["patience"],
         device=device,
+        **loop_settings(p),
         seed=SEED,
         resume_best=True,
     )

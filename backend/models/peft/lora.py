@@ -15,11 +15,10 @@ from torch import nn
 QKV = "qkv"
 
 
-class _LoRABase(nn.Module):
-    """What both LoRA layers share: the wrapped frozen `base` and folding `delta_weight()` into it."""
+class LinearWrapper(nn.Module):
+    """An adapter around a frozen nn.Linear `base` that stands in for it (same in/out features)."""
 
     base: nn.Linear
-    merged: bool
 
     @property
     def in_features(self) -> int:
@@ -28,6 +27,12 @@ class _LoRABase(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+
+class _LoRABase(LinearWrapper):
+    """What both LoRA layers share: the wrapped frozen `base` and folding `delta_weight()` into it."""
+
+    merged: bool
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
