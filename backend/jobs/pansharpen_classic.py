@@ -32,6 +32,7 @@ from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobSpec
 from backend.methods.gsa import compute_stats, fuse_gsa
 from backend.methods.pansharpening_classic import (
+    MS,
     MS_BANDS,
     PAN,
     PANSHARPENED,
@@ -50,13 +51,7 @@ HPM_HALO = 12  # x ratio: the reach of MTF filter + decimation + 23-tap re-inter
 
 PARAMS = (
     PAN,
-    Param(
-        "ms",
-        str,
-        "Multispectral raster (any band count, any CRS; read onto the PAN grid on the fly).",
-        required=True,
-        kind="raster",
-    ),
+    MS,
     OUT_DIR.but(help="Folder for the result."),
     Param(
         "method",

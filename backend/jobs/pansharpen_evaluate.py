@@ -26,6 +26,8 @@ from backend.io.rasterize import restrict_to_aoi
 from backend.jobs.base import JobSpec
 from backend.jobs.pansharpen_classic import METHOD_TITLES, METHODS
 from backend.methods.pansharpening_classic import (
+    MAX_SIZE,
+    MS,
     MS_BANDS,
     PAN,
     RATIO,
@@ -43,13 +45,7 @@ from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 PARAMS = (
     PAN.but(help="Panchromatic raster (one band)."),
-    Param(
-        "ms",
-        str,
-        "Multispectral raster (any CRS; read onto the PAN's grid).",
-        required=True,
-        kind="raster",
-    ),
+    MS.but(help="Multispectral raster (any CRS; read onto the PAN's grid)."),
     Param(
         "fused",
         str,
@@ -69,14 +65,8 @@ PARAMS = (
     RATIO,
     MS_BANDS.but(help="MS bands to evaluate, e.g. 1,2,3 (default: all)."),
     AOI.but(help="Polygon layer: evaluate inside its bounding box (default: the whole overlap)."),
-    Param(
-        "max_size",
-        int,
-        "Side of the evaluated window in PAN pixels (its centre part when the area is larger).",
-        default=1024,
-        minimum=64,
-        maximum=16384,
-        step=64,
+    MAX_SIZE.but(
+        help="Side of the evaluated window in PAN pixels (its centre part when the area is larger).", default=1024
     ),
 )
 

@@ -445,5 +445,20 @@ PAN = Param(
     required=True,
     kind="raster",
 )
+MS = Param(
+    "ms",
+    str,
+    "Multispectral raster (any band count, any CRS; read onto the PAN grid on the fly).",
+    required=True,
+    kind="raster",
+)
+MAX_SIZE = Param(
+    "max_size",
+    int,
+    "Side of the window read whole, in PAN pixels (the centre of the area when it is larger).",
+    minimum=64,
+    maximum=16384,
+    step=64,
+)
 MS_BANDS = Param("ms_bands", list, "MS bands to use, e.g. 1,2,3,4 (default: all).", kind="bands")
 PANSHARPENED = (OutputDecl("pansharpened", "raster", "Pansharpened image (PAN grid, MS bands and dtype)"),)

@@ -41,7 +41,17 @@ from backend.io.pairs import (
 from backend.io.raster import Grid, RasterSource
 from backend.io.rasterize import restrict_to_aoi
 from backend.io.writer import GeoTiffWriter
-from backend.methods.pansharpening_classic import MS_BANDS, PAN, PANSHARPENED, RATIO, SENSOR, sensor_gains, upsample
+from backend.methods.pansharpening_classic import (
+    MAX_SIZE,
+    MS,
+    MS_BANDS,
+    PAN,
+    PANSHARPENED,
+    RATIO,
+    SENSOR,
+    sensor_gains,
+    upsample,
+)
 from backend.methods.spec import RANDOM_BACKBONE_SEED, Application, MethodSpec, Training, register
 from backend.models.backbones.loading import read_checkpoint
 from backend.params import (
@@ -70,25 +80,14 @@ NOT_GEOREFERENCED = (
 
 FINETUNE_PARAMS = (
     PAN.but(help="Panchromatic raster (one band)."),
-    Param(
-        "ms",
-        str,
-        "Multispectral raster of the same scene (any band count and CRS).",
-        required=True,
-        kind="raster",
-    ),
+    MS.but(help="Multispectral raster of the same scene (any band count and CRS)."),
     SENSOR,
     RATIO,
     MS_BANDS,
     AOI.but(help="Polygon layer: train inside its bounding box (default: the whole overlap)."),
-    Param(
-        "max_size",
-        int,
-        "Side of the training window in PAN pixels (the centre of the area when it is larger).",
+    MAX_SIZE.but(
+        help="Side of the training window in PAN pixels (the centre of the area when it is larger).",
         default=2048,
-        minimum=64,
-        maximum=16384,
-        step=64,
         group="finetune",
     ),
     Param(
@@ -122,13 +121,7 @@ FINETUNE_PARAMS = (
 
 APPLY_PARAMS = (
     PAN,
-    Param(
-        "ms",
-        str,
-        "Multispectral raster (the adapter's bands; any CRS, read onto the PAN grid on the fly).",
-        required=True,
-        kind="raster",
-    ),
+    MS.but(help="Multispectral raster (the adapter's bands; any CRS, read onto the PAN grid on the fly)."),
     RATIO,
     MS_BANDS.but(help="MS bands, e.g. 1,2,3,4 (default: the adapter's training bands)."),
     AOI.but(help="Polygon layer: only the area inside it is pansharpened (default: all)."),
