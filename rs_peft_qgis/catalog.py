@@ -7,6 +7,7 @@ jobs the worker really runs, so a task whose backend lands appears here without 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +17,7 @@ from rs_peft_qgis.backend_env import backend_root
 
 FORMAT = 2  # the catalog format this plugin reads
 LAYER_KINDS = ("raster", "vector", "polygons", "layer")
+CATALOG_ENV = "RS_PEFT_QGIS_CATALOG"  # another catalog file (see load)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,17 @@ def parse(data: dict[str, Any]) -> Catalog:
     return Catalog(tasks, jobs)
 
 
-@lru_cache(maxsize=1)
 def load(path: str | None = None) -> Catalog:
-    """The catalog shipped with the plugin (or the one at `path`)."""
-    file = Path(path) if path else backend_root() / "resources" / "jobs.json"
+    """The catalog at `path`, else the file RS_PEFT_QGIS_CATALOG names, else the one shipped with the plugin.
+
+    The variable is for developing a method outside the plugin: the backend registers it (RS_PEFT_QGIS_METHODS),
+    `python -m backend catalog --write my.json` lists its jobs, and QGIS started with
+    RS_PEFT_QGIS_CATALOG=my.json offers them in the panel, the settings and Processing alike.
+    """
+    file = path or os.environ.get(CATALOG_ENV) or backend_root() / "resources" / "jobs.json"
+    return _read(Path(file).expanduser().resolve())
+
+
+@lru_cache(maxsize=4)
+def _read(file: Path) -> Catalog:
     return parse(json.loads(file.read_text(encoding="utf-8")))
