@@ -48,18 +48,30 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
         raise JobError(
             INVALID_INPUT, f"An adapter named '{name}' already exists.", "Choose another name or allow overwriting."
         )
-    return train_and_save(method, ctx, p, method.prepare(ctx, p), started)
+    checkpoints = frozen_checkpoints(method, ctx, p)  # missing weights fail before the data is read
+    return train_and_save(method, ctx, p, method.prepare(ctx, p), checkpoints, started)
+
+
+def frozen_checkpoints(method: MethodSpec, ctx: JobContext, p: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """(path, SHA-256) of every frozen part of the chosen backbone; (None, None) for an allowed random init."""
+    parts = method.backbones[p["backbone"]]
+    return {part: backbone_checkpoint(part, p["allow_random_backbone"], ctx) for part in parts}
 
 
 def train_and_save(
-    method: MethodSpec, ctx: JobContext, p: dict[str, Any], training: Training, started: float | None = None
+    method: MethodSpec,
+    ctx: JobContext,
+    p: dict[str, Any],
+    training: Training,
+    checkpoints: dict[str, tuple[Any, Any]] | None = None,
+    started: float | None = None,
 ) -> JobResult:
     """Build the model, train it by the method's recipe and save the adapter (`p`: the job's parameters; the
     demo and the held-out benchmark call this with several labelled areas)."""
     started = time.monotonic() if started is None else started
     name = adapters.sanitize(p["adapter_name"])
     parts = method.backbones[p["backbone"]]
-    checkpoints = {part: backbone_checkpoint(part, p["allow_random_backbone"], ctx) for part in parts}
+    checkpoints = checkpoints or frozen_checkpoints(method, ctx, p)
     paths = {part: path for part, (path, _) in checkpoints.items()}
     model = method.build(p["backbone"], training.config, len(training.bands), paths)
     counted = count_parameters(model)
