@@ -64,6 +64,10 @@ class MapStyle:
         )
 
 
+# The change-detection task's maps, shared by its classical (CVA) and learned (FILF) jobs.
+CHANGE = MapStyle("change", "changes", {1: "change"}, "changed")
+
+
 class MapOutputs:
     def __init__(
         self,

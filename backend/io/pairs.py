@@ -233,12 +233,10 @@ def fill_means(data: np.ndarray, valid: np.ndarray, what: str, warnings: list[st
     if bad > MAX_INVALID:
         raise JobError(
             INVALID_INPUT,
-            f"{100 * bad:.0f} % of the {what} in the evaluation window is nodata; the scores would mean little.",
+            f"{100 * bad:.0f} % of the {what} in the window read (to evaluate or train on) is nodata: too little data.",
             "Choose an area of interest where the PAN and MS hold data.",
         )
-    warnings.append(
-        f"{100 * bad:.1f} % of the {what} in the evaluation window is nodata; it is filled with band means."
-    )
+    warnings.append(f"{100 * bad:.1f} % of the {what} in the window read is nodata; it is filled with band means.")
     out = data.astype(np.float64)
     for b in range(out.shape[0]):
         out[b][~valid] = out[b][valid].mean()

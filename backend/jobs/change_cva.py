@@ -16,14 +16,13 @@ import rasterio
 from rasterio.enums import Resampling
 
 from backend.context import JobContext, prepare_out_dir
-from backend.io.maps import MapOutputs, stack_reader
+from backend.io.maps import CHANGE, MapOutputs, stack_reader
 from backend.io.raster import Grid, RasterSource, overlap_grid, require_same_band_count
 from backend.io.rasterize import restrict_to_aoi
 from backend.io.tiling import TileSpec, block_windows, run_tiled
 from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobSpec
 from backend.methods.cva import magnitude, otsu_threshold, smoothing_radius
-from backend.methods.filf.spec import CHANGE
 from backend.params import (
     AFTER,
     AOI,

@@ -14,7 +14,7 @@ from torch import nn
 from backend import adapters
 from backend.adapters import AdapterMeta
 from backend.context import JobContext
-from backend.io.maps import MapOutputs, MapStyle, stack_reader
+from backend.io.maps import CHANGE, MapOutputs, stack_reader
 from backend.io.raster import RasterSource, overlap_grid
 from backend.io.rasterize import restrict_to_aoi
 from backend.methods.spec import RANDOM_BACKBONE_SEED, Application, MethodSpec, Training, register
@@ -45,7 +45,6 @@ from .model import build_filf
 from .training import normalization, normalizer, recipe
 
 METHOD = "filf"
-CHANGE = MapStyle("change", "changes", {1: "change"}, "changed")
 
 FINETUNE_PARAMS = (
     BEFORE,
