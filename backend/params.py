@@ -1,7 +1,8 @@
 """Job parameters and outputs: one declaration each, with type, range and choices, grouped the way forms show them.
 
 Every job takes its common parameters from the groups below (inputs by name, AOI/output, tiling, device,
-fine-tuning), so a range, a choice list or a help text exists once. The job catalog exports the same
+fine-tuning), so a range, a choice list or a help text exists once; a task's own parameters (pansharpening's
+PAN, MS, sensor and ratio) are declared once beside its methods. The job catalog exports the same
 declarations, and the QGIS side builds its forms from them without listing any parameter by name.
 """
 
@@ -52,6 +53,7 @@ class Param:
     group: str = ""  # one of GROUPS; default: "inputs" for layers, fields and bands, else "method"
     prominent: bool = False  # an optional setting shown next to the inputs, not under "Advanced"
     editable: bool = False  # `choices` are suggestions: other values pass (checked by the job)
+    why: str = ""  # the reason for the range, said when a value is refused
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -67,18 +69,24 @@ class Param:
         """This declaration with another default, help or range (e.g. a job's own default tile size)."""
         return replace(self, **changes)
 
+    @property
+    def label(self) -> str:
+        """How messages name it: 'The batch size (batch_size)'."""
+        return f"The {self.name.replace('_', ' ')} ({self.name})"
+
     def coerce(self, value: Any) -> Any:
         """The value as this parameter's type, in its range and choices; ValueError in plain words."""
         v = _as_type(self, value)
         if self.choices is not None and not self.editable and v not in self.choices:
-            raise ValueError(f"Parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, got {v!r}")
+            raise ValueError(f"{self.label} must be one of {', '.join(map(str, self.choices))}, not {v!r}.")
         if self.type in (int, float):
             if not math.isfinite(v):
-                raise ValueError(f"Parameter '{self.name}' must be a finite number, got {value!r}")
+                raise ValueError(f"{self.label} must be a finite number, not {value!r}.")
+            why = f": {self.why}" if self.why else ""
             if self.minimum is not None and v < self.minimum:
-                raise ValueError(f"Parameter '{self.name}' must be at least {_num(self.minimum)}, got {v}")
+                raise ValueError(f"{self.label} must be at least {_num(self.minimum)}{why} (given: {v}).")
             if self.maximum is not None and v > self.maximum:
-                raise ValueError(f"Parameter '{self.name}' must be at most {_num(self.maximum)}, got {v}")
+                raise ValueError(f"{self.label} must be at most {_num(self.maximum)}{why} (given: {v}).")
         return v
 
 
@@ -111,7 +119,8 @@ def _as_type(p: Param, value: Any) -> Any:
             raise ValueError
         return str(value)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"Parameter '{p.name}' must be a {p.type.__name__}, got {value!r}") from None
+        kind = {int: "a whole number", float: "a number", bool: "true or false", list: "a list of whole numbers"}
+        raise ValueError(f"{p.label} must be {kind.get(p.type, 'text')}, not {value!r}.") from None
 
 
 # --- AOI and output --------------------------------------------------------------------------------------------
@@ -204,6 +213,7 @@ VAL_FRACTION = Param(
     maximum=0.99,
     step=0.05,
     group="finetune",
+    why="some of the area must train and some validate",
 )
 PATIENCE = Param(
     "patience",

@@ -92,7 +92,6 @@ class BackboneInfo:
     family: str
     variant: str
     input: dict[str, Any]
-    has_checkpoint: bool  # False for the randomly initialised miniatures of tests and the demo
 
 
 def backbone_info(name: str, path: Path | None = None) -> BackboneInfo:
@@ -100,10 +99,10 @@ def backbone_info(name: str, path: Path | None = None) -> BackboneInfo:
     data = json.loads((path or registry_path()).read_text(encoding="utf-8"))
     for raw in data["models"]:
         if raw["name"] == name:
-            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"], True)
+            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"])
     for raw in data.get("miniatures", []):
         if raw["name"] == name:
-            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"], False)
+            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"])
     raise ValueError(f"There is no backbone named '{name}' in the weights registry.")
 
 

@@ -4,7 +4,9 @@ MS's dtype and nodata for the output."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +17,10 @@ from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 from scipy import ndimage
 
+from backend.context import JobContext
 from backend.io.raster import Grid, RasterSource, overlap_grid
-from backend.protocol import INVALID_INPUT, JobError
+from backend.io.writer import GeoTiffWriter
+from backend.protocol import INVALID_INPUT, JobError, JobResult, Output
 
 RATIO_TOLERANCE = 0.02  # relative: a detected ratio must be this close to a whole number
 MIN_MS_PIXELS = 8  # per side of the twice-degraded MS (window / ratio^2): less leaves nothing to interpolate
@@ -71,7 +75,7 @@ class Pair:
 
 
 def open_pair(
-    pan: str, ms: str, ms_bands: list[int] | None, ratio: int | None, warnings: list[str] | None = None
+    pan: str, ms: str, ms_bands: list[int] | None, ratio: int | None, warn: Callable[[str], None] | None = None
 ) -> Pair:
     """Check a PAN + MS pair and find the scale ratio; plain-language errors for the usual mistakes."""
     with RasterSource(pan, what="PAN") as p, RasterSource(ms, ms_bands, what="MS") as m:
@@ -90,8 +94,8 @@ def open_pair(
             )
         georef = p.native.georeferenced
         found, note, warning = _ratio(p.native, m.native, ratio, georef)
-        if warning and warnings is not None:
-            warnings.append(warning)
+        if warning and warn is not None:
+            warn(warning)
         descriptions = tuple(m.ds.descriptions[b - 1] or "" for b in m.bands)
         return Pair(
             pan,
@@ -225,7 +229,7 @@ def ms_scale_grid(pan_grid: Grid, ratio: int) -> Grid:
     )
 
 
-def fill_means(data: np.ndarray, valid: np.ndarray, what: str, warnings: list[str]) -> np.ndarray:
+def fill_means(data: np.ndarray, valid: np.ndarray, what: str, warn: Callable[[str], None]) -> np.ndarray:
     """Nodata pixels filled with the band means (the indices need whole arrays), with a warning."""
     bad = float(1.0 - valid.mean())
     if bad == 0:
@@ -236,14 +240,14 @@ def fill_means(data: np.ndarray, valid: np.ndarray, what: str, warnings: list[st
             f"{100 * bad:.0f} % of the {what} in the window read (to evaluate or train on) is nodata: too little data.",
             "Choose an area of interest where the PAN and MS hold data.",
         )
-    warnings.append(f"{100 * bad:.1f} % of the {what} in the window read is nodata; it is filled with band means.")
+    warn(f"{100 * bad:.1f} % of the {what} in the window read is nodata; it is filled with band means.")
     out = data.astype(np.float64)
     for b in range(out.shape[0]):
         out[b][~valid] = out[b][valid].mean()
     return out
 
 
-def read_window(pair: Pair, pan_grid: Grid, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def read_window(pair: Pair, pan_grid: Grid, warn: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
     """PAN on its own grid and MS on its native pixels (resampled only when its grid does not nest)."""
     full = Window(0, 0, pan_grid.width, pan_grid.height)
     with RasterSource(pair.pan, grid=pan_grid, what="PAN") as src:
@@ -251,7 +255,7 @@ def read_window(pair: Pair, pan_grid: Grid, warnings: list[str]) -> tuple[np.nda
     ms_grid = ms_scale_grid(pan_grid, pair.ratio)
     with pair.ms_reader(ms_grid, Resampling.cubic) as src:
         ms, mvalid = src.read(Window(0, 0, ms_grid.width, ms_grid.height))
-    return fill_means(pan, pvalid, "PAN", warnings)[0], fill_means(ms, mvalid, "MS", warnings)
+    return fill_means(pan, pvalid, "PAN", warn)[0], fill_means(ms, mvalid, "MS", warn)
 
 
 def to_dtype(
@@ -286,3 +290,49 @@ def output_nodata(pair: Pair) -> float | int:
     if pair.ms_nodata is not None:
         return pair.ms_nodata
     return 0 if np.issubdtype(pair.ms_dtype, np.integer) else float("nan")
+
+
+class FusedImage:
+    """A pansharpened result being written (a context manager): one GeoTIFF on the PAN grid in the MS's dtype,
+    value scale, nodata and band names, written window by window; `finish` refuses a result without a single
+    valid pixel."""
+
+    def __init__(self, ctx: JobContext, final: Path, grid: Grid, pair: Pair, block: int, title: str) -> None:
+        self.final, self.grid, self.pair, self.title = final, grid, pair, title
+        self.nodata = output_nodata(pair)
+        self.writer = GeoTiffWriter(
+            ctx.output_path(final), grid, pair.bands, pair.ms_dtype.name, self.nodata, pair.descriptions, block=block
+        )
+        self.written = 0
+
+    def __enter__(self) -> FusedImage:
+        self.writer.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.writer.__exit__(exc_type)
+
+    def write(self, win: Window, values: np.ndarray, valid: np.ndarray) -> None:
+        """Fused floats (C, h, w) in the MS's value scale; invalid pixels become nodata."""
+        out, ok = to_dtype(values, valid, self.pair.ms_dtype, self.nodata)
+        self.writer.write(win, out, ok)
+        self.written += int(np.count_nonzero(ok))
+
+    def finish(self) -> JobResult:
+        if self.written == 0:
+            raise JobError(
+                INVALID_INPUT,
+                "The PAN and MS rasters have no pixel where both hold data (inside the area of interest, if any).",
+                "Check their nodata values and that they cover the same area.",
+            )
+        g = self.grid
+        return JobResult(
+            outputs=[Output(str(self.final), "raster", self.title, "", "pansharpened")],
+            metrics={
+                "ratio": self.pair.ratio,
+                "bands": self.pair.bands,
+                "width": g.width,
+                "height": g.height,
+                "valid_fraction": self.written / (g.width * g.height),
+            },
+        )

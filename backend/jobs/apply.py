@@ -4,6 +4,7 @@ batch halving on CUDA out-of-memory) into the method's outputs."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -25,19 +26,41 @@ from backend.runtime import halve_batch_on_oom, resolve_device
 def params(method: MethodSpec) -> tuple[Param, ...]:
     adapter = ADAPTER.but(help=f"Name of a {method.title} adapter in the library.")
     tiling = (
-        TILE_SIZE.but(help="Tile size in pixels (default: the method's).", default=None),
+        TILE_SIZE.but(
+            help="Tile size in pixels (auto: the method's, or the adapter's training patch).",
+            default=method.default_tile,
+        ),
         OVERLAP.but(help="Tile overlap in pixels, blended (default: a quarter of the tile).", default=None),
         BATCH_SIZE.but(default=method.apply_batch_size),
     )
     return in_group_order((adapter, *method.apply_params, OUT_DIR, *tiling, DEVICE))
 
 
+def trained_checkpoints(meta: adapters.AdapterMeta, parts: tuple[str, ...]) -> dict[str, str | None]:
+    """The SHA-256 of every frozen part the adapter was trained on (None: a seeded random init)."""
+    shas = meta.config.get("checkpoints")
+    if not isinstance(shas, dict):
+        # Adapters saved before `config.checkpoints` (v0.1) kept the main part's hash in `checkpoint_sha256`
+        # and PanAdapter's EDSR hash in `config.edsr_sha256`.
+        shas = {parts[0]: meta.checkpoint_sha256}
+        if len(parts) > 1:
+            shas[parts[1]] = meta.config.get("edsr_sha256")
+    unknown = [part for part in parts if shas.get(part) is None]
+    if unknown and meta.config.get("random_backbone_seed") is None:
+        raise JobError(
+            INVALID_INPUT,
+            f"The adapter '{meta.name}' does not say which {', '.join(unknown)} checkpoint it was trained with.",
+            "Fine-tune the adapter again.",
+        )
+    return shas
+
+
 def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, torch.Tensor], ctx: JobContext) -> Any:
     """The adapter's model on the frozen checkpoints it was trained with (refused if they changed)."""
-    shas = meta.config.get("checkpoints", {})
     parts = method.backbones.get(meta.backbone)
     if parts is None:
         raise JobError(INVALID_INPUT, f"The adapter '{meta.name}' names an unknown backbone '{meta.backbone}'.")
+    shas = trained_checkpoints(meta, parts)
     paths = {part: training_checkpoint(part, shas.get(part), meta.name) for part in parts}
     if meta.config.get("random_backbone_seed") is not None:
         ctx.warn(f"The adapter '{meta.name}' was trained on a randomly initialised {meta.backbone} backbone.")
@@ -50,6 +73,7 @@ def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, 
 
 
 def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
+    started = time.monotonic()
     ctx.protect_inputs(*inputs_of(declared, p))
     out_dir = prepare_out_dir(p["out_dir"])
     device = torch.device(resolve_device(p["device"]))
@@ -83,6 +107,10 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
 
         block = spec.stride if spec.stride % 16 == 0 else 256
         grid = app.grid
+        ctx.log(
+            f"{method.title} adapter '{meta.name}' on {grid.width} x {grid.height} pixels: tiles of {spec.tile} px "
+            f"overlapping by {spec.overlap}, {spec.batch} per pass, on {device}."
+        )
         with app.sink(block) as sink:
             run_tiled(
                 grid.height,
@@ -92,12 +120,17 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
                 sink.write,
                 app.channels,
                 spec,
-                on_tile=lambda d, t: ctx.progress(0.9 * d / t, method.task, f"tile {d}/{t}"),
+                on_tile=lambda d, t: ctx.progress(app.tiles_share * d / t, app.activity, f"tile {d}/{t}"),
             )
     finally:
         app.close()
     result = sink.finish()
-    result.metrics = {"adapter": meta.name, **result.metrics}
+    seconds = time.monotonic() - started
+    result.metrics = {
+        "adapter": meta.name,
+        **result.metrics,
+        "megapixels_per_second": grid.width * grid.height / 1e6 / max(seconds, 1e-9),
+    }
     return result
 
 

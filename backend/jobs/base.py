@@ -23,6 +23,12 @@ class JobSpec:
     method: str | None = None  # the adapter method the job trains or applies
     stages: dict[str, str] = field(default_factory=dict)  # training stage id -> title for the analyst
 
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.params]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # a method repeating a generic parameter would break the CLI and shadow the generic one
+            raise ValueError(f"Job {self.name} declares the parameter(s) {', '.join(twice)} more than once.")
+
     @property
     def task(self) -> str:
         return self.name.split(".")[0]

@@ -40,7 +40,6 @@ def inputs_of(spec_params: tuple[Param, ...], p: dict[str, Any]) -> list[str | N
 
 
 def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
-    started = time.monotonic()
     ctx.protect_inputs(*inputs_of(declared, p))
     resolve_device(p["device"])  # a wrong device fails before the data is read
     name = adapters.sanitize(p["adapter_name"])
@@ -49,7 +48,7 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
             INVALID_INPUT, f"An adapter named '{name}' already exists.", "Choose another name or allow overwriting."
         )
     checkpoints = frozen_checkpoints(method, ctx, p)  # missing weights fail before the data is read
-    return train_and_save(method, ctx, p, method.prepare(ctx, p), checkpoints, started)
+    return train_and_save(method, ctx, p, method.prepare(ctx, p), checkpoints)
 
 
 def frozen_checkpoints(method: MethodSpec, ctx: JobContext, p: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -64,11 +63,9 @@ def train_and_save(
     p: dict[str, Any],
     training: Training,
     checkpoints: dict[str, tuple[Any, Any]] | None = None,
-    started: float | None = None,
 ) -> JobResult:
     """Build the model, train it by the method's recipe and save the adapter (`p`: the job's parameters; the
     demo and the held-out benchmark call this with several labelled areas)."""
-    started = time.monotonic() if started is None else started
     name = adapters.sanitize(p["adapter_name"])
     parts = method.backbones[p["backbone"]]
     checkpoints = checkpoints or frozen_checkpoints(method, ctx, p)
@@ -76,7 +73,10 @@ def train_and_save(
     model = method.build(p["backbone"], training.config, len(training.bands), paths)
     counted = count_parameters(model)
     ctx.log(f"{method.title} on {p['backbone']}: {counted}")
-    result = fit(model, training.recipe(model, resolve_device(p["device"])), ctx)
+    recipe = training.recipe(model, resolve_device(p["device"]))
+    started = time.monotonic()
+    result = fit(model, recipe, ctx)
+    seconds = time.monotonic() - started
     shas = {part: sha for part, (_, sha) in checkpoints.items()}
     val = {f"val_{k}": v for k, v in result.val_metrics.items()}
     g = training.grid
@@ -114,7 +114,7 @@ def train_and_save(
         metrics["best_stage"] = result.best_stage
     metrics |= training.report(model, result)
     metrics |= val
-    metrics["finetune_seconds"] = time.monotonic() - started
+    metrics["finetune_seconds"] = seconds  # the training loop alone (data reading and model building excluded)
     return JobResult(metrics=metrics)
 
 

@@ -24,11 +24,10 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from backend.context import JobContext, prepare_out_dir
-from backend.io.pairs import fill_nearest, grid_offset, open_pair, output_nodata, read_padded, to_dtype
+from backend.io.pairs import FusedImage, fill_nearest, grid_offset, open_pair, read_padded
 from backend.io.raster import RasterSource
 from backend.io.rasterize import restrict_to_aoi
 from backend.io.tiling import block_windows
-from backend.io.writer import GeoTiffWriter
 from backend.jobs.base import JobSpec
 from backend.methods.gsa import compute_stats, fuse_gsa
 from backend.methods.pansharpening_classic import (
@@ -43,7 +42,7 @@ from backend.methods.pansharpening_classic import (
     sensor_gains,
 )
 from backend.params import AOI, NAME, OUT_DIR, TILE_SIZE, Param
-from backend.protocol import INVALID_INPUT, JobError, JobResult, Output
+from backend.protocol import JobResult
 
 METHODS = ("brovey", "gsa", "mtf_glp_hpm")
 METHOD_TITLES = {"brovey": "Brovey", "gsa": "GSA", "mtf_glp_hpm": "MTF-GLP-HPM"}
@@ -78,7 +77,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     started = time.monotonic()
     ctx.protect_inputs(p["pan"], p["ms"])
     out_dir = prepare_out_dir(p["out_dir"])
-    pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warnings)
+    pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warn)
     r, method = pair.ratio, p["method"]
     gains = sensor_gains(p["sensor"], pair.bands)
     data_grid = pair.overlap()
@@ -96,7 +95,6 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         f"Pansharpening {grid.width} x {grid.height} PAN pixels ({grid.width * grid.height / 1e6:.1f} MP), "
         f"{pair.bands} MS band(s), ratio {r} ({pair.ratio_note}), {METHOD_TITLES[method]}, sensor {p['sensor']}."
     )
-    nodata = output_nodata(pair)
     final = out_dir / f"{p['name']}_{method}.tif"
     tile = p["tile_size"]
     block = tile if tile % 16 == 0 else 256
@@ -111,10 +109,8 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
             stats = compute_stats(ctx, pair, pan_src, ms_src, data_grid, grid, aoi, phase, (0.0, 0.2))
             ctx.log(f"GSA weights from {stats.samples} sample pixels: {np.round(stats.alpha, 4).tolist()}.")
         start = 0.2 if stats is not None else 0.0
-        written = 0
-        with GeoTiffWriter(
-            ctx.output_path(final), grid, pair.bands, pair.ms_dtype.name, nodata, pair.descriptions, block=block
-        ) as writer:
+        title = f"{p['name']} ({METHOD_TITLES[method]})"
+        with FusedImage(ctx, final, grid, pair, block, title) as image:
             wins = list(block_windows(grid.width, grid.height, tile))
             for i, win in enumerate(wins):
                 ctx.progress(start + (1.0 - start) * i / len(wins), "pansharpening", f"tile {i + 1}/{len(wins)}")
@@ -138,31 +134,12 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
                 valid = pvalid & mvalid
                 if aoi is not None:
                     valid &= aoi.burn(grid.window_grid(win)) > 0
-                out, valid = to_dtype(fused, valid, pair.ms_dtype, nodata)
-                writer.write(win, out, valid)
-                written += int(np.count_nonzero(valid))
+                image.write(win, fused, valid)
         ctx.progress(1.0, "pansharpening", "done")
-    if written == 0:
-        raise JobError(
-            INVALID_INPUT,
-            "The PAN and MS rasters have no pixel where both hold data"
-            + (" inside the area of interest." if aoi is not None else "."),
-            "Check their nodata values and that they cover the same area.",
-        )
+    result = image.finish()
     seconds = time.monotonic() - started
-    pixels = grid.width * grid.height
-    metrics: dict[str, Any] = {
-        "ratio": r,
-        "bands": pair.bands,
-        "width": grid.width,
-        "height": grid.height,
-        "valid_fraction": written / pixels,
-        "megapixels_per_second": pixels / 1e6 / max(seconds, 1e-9),
-    }
-    title = METHOD_TITLES[method]
-    return JobResult(
-        outputs=[Output(str(final), "raster", f"{p['name']} ({title})", "", "pansharpened")], metrics=metrics
-    )
+    result.metrics["megapixels_per_second"] = grid.width * grid.height / 1e6 / max(seconds, 1e-9)
+    return result
 
 
 SPEC = JobSpec(

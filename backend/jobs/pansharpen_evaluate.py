@@ -78,7 +78,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
             INVALID_INPUT,
             "Nothing to evaluate: choose a method, or give a pansharpened raster (fused) to score.",
         )
-    pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warnings)
+    pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warn)
     r = pair.ratio
     gains = sensor_gains(p["sensor"], pair.bands)
     grid = pair.overlap()
@@ -95,7 +95,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         "centre (max_size sets the window)."
     )
     ctx.progress(0.05, "reading")
-    pan, ms = read_window(pair, pan_grid, ctx.warnings)
+    pan, ms = read_window(pair, pan_grid, ctx.warn)
 
     metrics: dict[str, Any] = {}
     if method != "none":
@@ -157,7 +157,7 @@ def _read_fused(ctx: JobContext, path: str, pan_grid: Grid, pair: Pair) -> np.nd
                 "Give the pansharpened result of these MS bands (or choose the same bands with ms_bands).",
             )
         data, valid = src.read(Window(0, 0, pan_grid.width, pan_grid.height))
-    return fill_means(data, valid, "fused raster", ctx.warnings)
+    return fill_means(data, valid, "fused raster", ctx.warn)
 
 
 SPEC = JobSpec(

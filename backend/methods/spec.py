@@ -64,7 +64,9 @@ class Application:
     predict: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     channels: int  # K, the predicted channels
     sink: Callable[[int], Sink]  # (block size) -> the outputs
-    tile: int  # the default tile size (the default overlap is a quarter of the tile)
+    tile: int  # the tile size when the job gives none (the default overlap is a quarter of the tile)
+    activity: str  # progress wording, e.g. "detecting changes"
+    tiles_share: float = 0.9  # of the progress bar, for the tiles (the sink's `finish` takes the rest)
     stage: str | None = None  # the model's stage to run (multi-stage methods)
     close: Callable[[], None] = lambda: None
 
@@ -91,6 +93,7 @@ class MethodSpec:
     apply_title: str = ""
     task_title: str = ""  # the task in the analyst's words, for a task the product does not know yet
     apply_batch_size: int = 4  # tiles per forward pass by default
+    default_tile: int | None = None  # the apply job's tile size (None: from the adapter, see Application.tile)
 
 
 METHODS: dict[str, MethodSpec] = {}

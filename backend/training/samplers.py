@@ -1,5 +1,5 @@
 """Random training patches with the dihedral augmentation (flips and 90° turns), one family for every task:
-labelled single- or multi-date areas (patches centred on the rare class half of the time) and unlabelled
+labelled single- or multi-date areas (half of the patches holding a pixel of the rare class) and unlabelled
 aligned stacks on a grid of positions (PAN + MS at reduced resolution)."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class PatchSampler:
 
 class LabelledPatchSampler(PatchSampler):
     """Patches from the training parts of labelled areas: every image of the area (one or more dates) and
-    the label, half of the patches centred on a pixel of class 1 (the rare class: change, an object)."""
+    the label; every other patch holds a pixel of class 1 (the rare class: change, an object) at a random
+    place in it."""
 
     def __init__(self, parts: list[Part], patch: int, seed: int = 0) -> None:
         super().__init__(patch, seed)

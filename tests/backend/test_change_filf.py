@@ -120,6 +120,25 @@ def test_an_adapter_for_another_backbone_is_refused(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.tif")) == []
 
 
+def test_an_adapter_saved_before_config_checkpoints_still_names_its_encoder(tmp_path: Path) -> None:
+    """v0.1 adapters kept the encoder's hash only in `checkpoint_sha256`: detection must look for that very
+    checkpoint (here missing: MISSING_WEIGHTS with the fix), never fall back to a random encoder."""
+    before, after, _ = levir("test_55_0256_0000")
+    norm = {"mean": [127.0] * 3, "std": [60.0] * 3}
+    config = {"rank": 8, "mode": "bcd", "patch_size": 256, "random_backbone_seed": None}
+    adapters.save("v01", {}, adapters.AdapterMeta("filf", "mobile_sam", "ab" * 32, [1, 2, 3], norm, config=config))
+    out = tmp_path / "out"
+    detect = {"before": str(before), "after": str(after), "adapter": "v01", "out_dir": str(out)}
+    with pytest.raises(JobError) as err:
+        run("change.detect", **detect)
+    assert err.value.code == "MISSING_WEIGHTS" and "models fetch mobile_sam" in err.value.hint
+    # Nor may an adapter that names no checkpoint and no random seed run on a random encoder.
+    adapters.save("unknown", {}, adapters.AdapterMeta("filf", "mobile_sam", None, [1, 2, 3], norm, config=config))
+    with pytest.raises(JobError, match="does not say which mobile_sam checkpoint"):
+        run("change.detect", **{**detect, "adapter": "unknown"})
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def _polygons(path: Path, crs: str, rings: list[list[tuple[float, float]]]) -> Path:
     schema = {"geometry": "Polygon", "properties": {"change": "int"}}
     with fiona.open(path, "w", driver="GPKG", schema=schema, crs=crs) as dst:
@@ -215,11 +234,13 @@ def test_nonsense_training_settings_are_refused_plainly() -> None:
     before, after, label = levir("test_55_0256_0000")
     # Ranges are declared with the parameters: validation refuses them (the worker and the CLI report
     # INVALID_INPUT) before any data is read; the patch size's multiple of 32 is FILF's own rule.
+    reasons = {"val_fraction": "some of the area must train", "batch_size": "decoder normalises over the batch"}
     for bad in ({"epochs": 0}, {"steps_per_epoch": 0}, {"val_fraction": 1.5}, {"batch_size": 1}):
         name = next(iter(bad))
-        with pytest.raises(ValueError, match=f"Parameter '{name}' must be at "):
+        with pytest.raises(ValueError, match=rf"The {name.replace('_', ' ')} \({name}\) must be at (least|most)") as e:
             run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="x",
                 **(FAST | bad))  # fmt: skip
+        assert reasons.get(name, "") in str(e.value)
     with pytest.raises(JobError) as err:
         run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="x",
             **(FAST | {"patch_size": 80}))  # fmt: skip

@@ -98,6 +98,7 @@ def open_apply(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applica
         1,
         sink,
         tile=64,
+        activity="mapping toys",
         close=src.close,
     )
 

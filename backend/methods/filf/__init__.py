@@ -1,5 +1,5 @@
 """FILF (Huang et al., TGRS 2026): frequency-domain interactive LoRA on a frozen SAM / MobileSAM encoder for
-binary and semantic change detection."""
+binary change detection."""
 
 from .decoder import (
     MSFFN,

@@ -3,6 +3,7 @@ whole scenes (probability + mask + change polygons)."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,10 @@ FINETUNE_PARAMS = (
     EPOCHS.but(default=20),
     STEPS_PER_EPOCH.but(default=20),
     TRAIN_BATCH_SIZE.but(
-        default=8, minimum=2, help="Patches per step (at least 2: the decoder normalises over the batch)."
+        default=8,
+        minimum=2,
+        help="Patches per step (at least 2: the decoder normalises over the batch).",
+        why="FILF's decoder normalises over the batch",
     ),
     PATCH_SIZE.but(default=256, minimum=64, step=32, help="Training patch size in pixels (a multiple of 32)."),
     LR.but(default=2.8e-4),
@@ -150,8 +154,12 @@ def open_detect(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applic
     aoi = None
     if p["aoi"]:
         grid, aoi = restrict_to_aoi(grid, p["aoi"], ctx.warnings)
-    before = RasterSource(p["before"], meta.bands, grid=grid, what="before")
-    after = RasterSource(p["after"], meta.bands, grid=grid, resampling=Resampling.bilinear, what="after")
+    with ExitStack() as opened:  # on a failure here, what is open closes; on success the job closes it
+        before = opened.enter_context(RasterSource(p["before"], meta.bands, grid=grid, what="before"))
+        after = opened.enter_context(
+            RasterSource(p["after"], meta.bands, grid=grid, resampling=Resampling.bilinear, what="after")
+        )
+        sources = opened.pop_all()
     nb = len(meta.bands)
     norms: dict[torch.device, Any] = {}
 
@@ -160,27 +168,15 @@ def open_detect(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applic
         return torch.sigmoid(model(norm(x[:, :nb]), norm(x[:, nb:]))[:, 1:2].float())
 
     def sink(block: int) -> MapOutputs:
-        extra = {"threshold": p["threshold"]}
+        out_dir, extra = Path(p["out_dir"]), {"threshold": p["threshold"]}
         return MapOutputs(
-            ctx,
-            Path(p["out_dir"]),
-            p["name"],
-            grid,
-            block,
-            CHANGE,
-            p["reference"],
-            p["threshold"],
-            p["simplify"],
-            p["min_area_m2"],
-            extra,
-        )
+            ctx, out_dir, p["name"], grid, block, CHANGE, p["reference"], p["threshold"], p["simplify"],
+            p["min_area_m2"], extra,
+        )  # fmt: skip
 
-    def close() -> None:
-        before.close()
-        after.close()
-
-    tile = meta.config.get("patch_size", 256)
-    return Application(grid, stack_reader((before, after), grid, aoi), predict, 1, sink, tile, close=close)
+    tile = meta.config.get("patch_size", 256)  # detect on tiles of the training patch size
+    read = stack_reader((before, after), grid, aoi)
+    return Application(grid, read, predict, 1, sink, tile, "detecting changes", close=sources.close)
 
 
 SPEC = register(

@@ -14,7 +14,7 @@ The output keeps the MS's bands, dtype, value scale and nodata.
 from __future__ import annotations
 
 import math
-import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,16 @@ from backend import adapters, weights
 from backend.adapters import AdapterMeta
 from backend.context import JobContext
 from backend.io.pairs import (
+    FusedImage,
     Pair,
     centre_window,
     fill_nearest,
     open_pair,
-    output_nodata,
     read_padded,
     read_window,
-    to_dtype,
 )
 from backend.io.raster import Grid, RasterSource
 from backend.io.rasterize import restrict_to_aoi
-from backend.io.writer import GeoTiffWriter
 from backend.methods.pansharpening_classic import (
     MAX_SIZE,
     MS,
@@ -65,7 +63,7 @@ from backend.params import (
     VAL_FRACTION,
     Param,
 )
-from backend.protocol import INVALID_INPUT, JobError, JobResult, Output
+from backend.protocol import INVALID_INPUT, JobError
 from backend.training.loop import FitResult
 
 from .model import build_panadapter
@@ -73,6 +71,7 @@ from .training import Scales, recipe, reduced_resolution_set, split, validate
 
 METHOD = "panadapter"
 MS_HALO = 8  # MS pixels read around a tile: the 23-tap interpolator reaches about 6
+TILE = 256  # applying: a multiple of IPT's 64² window keeps the transformer windows aligned across tiles
 NOT_GEOREFERENCED = (
     "The PAN and MS are not georeferenced: they are matched in pixel space (same top-left corner, one MS pixel per "
     "ratio x ratio PAN pixels) and the result has no CRS."
@@ -147,7 +146,7 @@ def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[s
 def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
     if p["prior_epochs"] + p["adapter_epochs"] < 1:
         raise JobError(INVALID_INPUT, "The epochs of the two stages must not be negative, and not both zero.")
-    pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warnings)
+    pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warn)
     r = pair.ratio
     sensor_gains(p["sensor"], pair.bands)  # a sensor that does not fit the bands fails here, in plain words
     patch = p["patch_size"] or 64
@@ -160,7 +159,7 @@ def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
         ctx.warn("The PAN and MS are not georeferenced: they are matched in pixel space (same top-left corner).")
     ctx.progress(0.0, "reading the training window", force=True)
     pan_grid = grid.window_grid(centre_window(grid, pair, p["max_size"]))
-    pan, ms = read_window(pair, pan_grid, ctx.warnings)
+    pan, ms = read_window(pair, pan_grid, ctx.warn)
     scales = Scales.of(pan, ms)
     ctx.log(
         f"Reduced-resolution training on {pan_grid.width} x {pan_grid.height} PAN pixels ({pair.bands} MS band(s), "
@@ -173,8 +172,13 @@ def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
     except ValueError as exc:
         raise JobError(INVALID_INPUT, str(exc), "Use a larger area (max_size, AOI) or a smaller patch size.") from None
     start: dict[str, float] = {}
+    counts: dict[str, int] = {}
 
     def make_recipe(model: nn.Module, device: str) -> Any:
+        for stage in ("prior", "adapter"):
+            model.set_stage(stage)
+            counts[stage] = sum(t.numel() for t in model.parameters() if t.requires_grad)
+        ctx.log(f"Trainable parameters: {counts['prior']:,} in stage 1, {counts['adapter']:,} in stage 2.")
         model.set_stage("prior")
         model.to(device)
         start.update(validate(model, val, r, torch.device(device)))  # zero-initialised heads: the interpolated MS
@@ -182,10 +186,6 @@ def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
         return recipe(model, train, val, p, patch, device)
 
     def report(model: nn.Module, result: FitResult) -> dict[str, Any]:
-        counts = {}
-        for stage in ("prior", "adapter"):
-            model.set_stage(stage)
-            counts[stage] = sum(t.numel() for t in model.parameters() if t.requires_grad)
         ctx.log(
             f"Best: stage {result.best_stage}, epoch {result.best_epoch}, validation Q2n "
             f"{result.val_metrics['q2n']:.4f} (interpolated MS: {start['q2n']:.4f})."
@@ -244,55 +244,8 @@ class UpsampledMS:
         self.src.close()
 
 
-class PansharpenedImage:
-    """The sink of pansharpen.apply: one GeoTIFF on the PAN grid in the MS's dtype, scale and nodata."""
-
-    def __init__(self, ctx: JobContext, final: Path, grid: Grid, pair: Pair, block: int, title: str) -> None:
-        self.final, self.grid, self.pair, self.title = final, grid, pair, title
-        self.nodata = output_nodata(pair)
-        self.writer = GeoTiffWriter(
-            ctx.output_path(final), grid, pair.bands, pair.ms_dtype.name, self.nodata, pair.descriptions, block=block
-        )
-        self.written = 0
-        self.started = time.monotonic()
-
-    def __enter__(self) -> PansharpenedImage:
-        self.writer.__enter__()
-        return self
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        self.writer.__exit__(exc_type)
-
-    def write(self, win: Window, values: np.ndarray, valid: np.ndarray) -> None:
-        out, ok = to_dtype(values, valid, self.pair.ms_dtype, self.nodata)
-        self.writer.write(win, out, ok)
-        self.written += int(np.count_nonzero(ok))
-
-    def finish(self) -> JobResult:
-        if self.written == 0:
-            raise JobError(
-                INVALID_INPUT,
-                "The PAN and MS rasters have no pixel where both hold data (inside the area of interest, if any).",
-                "Check their nodata values and that they cover the same area.",
-            )
-        g = self.grid
-        pixels = g.width * g.height
-        seconds = time.monotonic() - self.started
-        return JobResult(
-            outputs=[Output(str(self.final), "raster", self.title, "", "pansharpened")],
-            metrics={
-                "ratio": self.pair.ratio,
-                "bands": self.pair.bands,
-                "width": g.width,
-                "height": g.height,
-                "valid_fraction": self.written / pixels,
-                "megapixels_per_second": pixels / 1e6 / max(seconds, 1e-9),
-            },
-        )
-
-
 def open_apply(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Application:
-    pair = open_pair(p["pan"], p["ms"], p["ms_bands"] or meta.bands, p["ratio"], ctx.warnings)
+    pair = open_pair(p["pan"], p["ms"], p["ms_bands"] or meta.bands, p["ratio"], ctx.warn)
     adapters.check_compatible(meta, METHOD, meta.backbone, pair.bands)
     r = pair.ratio
     if r != meta.config["ratio"]:
@@ -313,8 +266,11 @@ def open_apply(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applica
     )
     pan_scale, ms_scale = meta.normalization["pan_scale"][0], meta.normalization["ms_scale"][0]
     nb = pair.bands
-    pan_src = RasterSource(pair.pan, grid=grid, what="PAN")
-    ms_src = UpsampledMS(pair, grid)
+    with ExitStack() as opened:  # on a failure here, what is open closes; on success the job closes it
+        pan_src = opened.enter_context(RasterSource(pair.pan, grid=grid, what="PAN"))
+        ms_src = UpsampledMS(pair, grid)
+        opened.callback(ms_src.close)
+        sources = opened.pop_all()
 
     def read(win: Window) -> tuple[np.ndarray, np.ndarray]:
         pan, pvalid = pan_src.read(win)
@@ -325,13 +281,9 @@ def open_apply(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applica
         pan = fill_nearest(pan, pvalid)
         return np.concatenate([ms_up / ms_scale, pan / pan_scale]).astype(np.float32), valid
 
-    def sink(block: int) -> PansharpenedImage:
+    def sink(block: int) -> FusedImage:
         title = f"{p['name']} (PanAdapter {meta.name})"
-        return PansharpenedImage(ctx, Path(p["out_dir"]) / f"{p['name']}.tif", grid, pair, block, title)
-
-    def close() -> None:
-        pan_src.close()
-        ms_src.close()
+        return FusedImage(ctx, Path(p["out_dir"]) / f"{p['name']}.tif", grid, pair, block, title)
 
     return Application(
         grid,
@@ -339,10 +291,12 @@ def open_apply(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applica
         lambda model, x: model(x[:, :nb], x[:, nb:]).float() * ms_scale,
         nb,
         sink,
-        tile=256,  # a multiple of IPT's 64² window keeps the transformer windows aligned
+        tile=TILE,
+        activity="pansharpening",
+        tiles_share=1.0,
         # When stage 2 never beat stage 1 its tail is still zero: the prior stage alone gives the same, faster.
         stage="adapter" if meta.config.get("best_stage") == "adapter" else "prior",
-        close=close,
+        close=sources.close,
     )
 
 
@@ -365,5 +319,6 @@ SPEC = register(
         stages={"prior": "stage 1 (local priors)", "adapter": "stage 2 (adapters)"},
         apply_title="Pansharpen (PanAdapter adapter)",
         apply_batch_size=2,
+        default_tile=TILE,
     )
 )
