@@ -99,6 +99,7 @@ class BackboneInfo:
     """What a job builds a frozen backbone from: its family (module), variant and expected input."""
 
     name: str
+    title: str
     family: str
     variant: str
     input: dict[str, Any]
@@ -109,10 +110,10 @@ def backbone_info(name: str, path: Path | None = None) -> BackboneInfo:
     data = json.loads((path or registry_path()).read_text(encoding="utf-8"))
     for raw in data["models"]:
         if raw["name"] == name:
-            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"])
+            return BackboneInfo(name, raw["title"], raw["family"], raw["variant"], raw["input"])
     for raw in data.get("miniatures", []):
         if raw["name"] == name:
-            return BackboneInfo(name, raw["family"], raw["variant"], raw["input"])
+            return BackboneInfo(name, raw["title"], raw["family"], raw["variant"], raw["input"])
     raise ValueError(f"There is no backbone named '{name}' in the weights registry.")
 
 

@@ -12,13 +12,23 @@ def backbone_checkpoint(backbone: str, allow_random: bool, ctx: JobContext) -> t
     entry = weights.load_registry().get(backbone)
     if entry is not None and weights.status(entry) == "installed":
         return str(weights.model_path(entry)), weights.installed_sha256(entry)
+    if entry is None:  # a miniature: there are no weights to install
+        title = weights.backbone_info(backbone).title
+        if not allow_random:
+            raise JobError(
+                INVALID_INPUT, f"The {backbone} backbone ({title}) has no official weights; it is for tests only."
+            )
+        ctx.warn(
+            f"The {backbone} backbone is {title}, randomly initialised and without official weights: it is for "
+            "trying the workflow, and its results say nothing about the published model."
+        )
+        return None, None
     if not allow_random:
-        if entry is None:
-            raise JobError(INVALID_INPUT, f"The {backbone} backbone has no official weights; it is for tests only.")
         weights.require(backbone)  # raises MISSING_WEIGHTS with the exact command
     ctx.warn(
-        f"The {backbone} weights are not installed: the frozen encoder is randomly initialised, so results will be "
-        "far below those of the published model."
+        f"The {backbone} weights ({entry.title}) are not installed: the frozen encoder is randomly initialised, so "
+        f"results will be far below those of the published model. Install them with: python -m backend models fetch "
+        f"{backbone}"
     )
     return None, None
 
