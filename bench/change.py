@@ -164,6 +164,25 @@ def measure_detection(before: str, after: str, tile: int, batch: int, device: st
     }
 
 
+def measure_swap(before: str, after: str, tile: int, batch: int, device: str, out_dir: str) -> dict[str, Any]:
+    """Two change.detect jobs in one process (as in the worker), the second with another adapter of the same
+    backbone: the first builds the model (reading the checkpoint), the second only swaps the adapter in."""
+    from backend.context import JobContext
+    from backend.jobs import JOBS
+    from backend.jobs.base import run_job
+
+    state, meta = adapters.load(ADAPTER)
+    adapters.save(ADAPTER + "_2", state, meta, overwrite=True)
+    spec = JOBS["change.detect"]
+    walls = []
+    for i, adapter in enumerate((ADAPTER, ADAPTER + "_2")):
+        params = {"before": before, "after": after, "adapter": adapter, "out_dir": f"{out_dir}/swap{i}"}
+        t0 = time.perf_counter()
+        run_job(spec, spec.validate(params | {"tile_size": tile, "batch_size": batch, "device": device}), JobContext())
+        walls.append(time.perf_counter() - t0)
+    return {"first_s": walls[0], "next_s": walls[1], "pair": [before, after]}
+
+
 def save_adapter(backbone: str, rank: int, patch: int) -> dict[str, Any]:
     """An adapter as change.finetune saves it for a random encoder (detect rebuilds it from the same seed)."""
     entry = weights.load_registry().get(backbone)
@@ -185,7 +204,12 @@ def save_adapter(backbone: str, rank: int, patch: int) -> dict[str, Any]:
 def child(payload: str) -> None:
     """Entry point of a child process: runs one measurement (or saves the adapter) and prints its record as JSON."""
     kind, kwargs = json.loads(payload)
-    measure = {"train": measure_training, "adapter": save_adapter, "detect": measure_detection}[kind]
+    measure = {
+        "train": measure_training,
+        "adapter": save_adapter,
+        "detect": measure_detection,
+        "swap": measure_swap,
+    }[kind]
     print(json.dumps(measure(**kwargs)))
 
 
@@ -229,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_child("adapter", {"backbone": args.backbone, "rank": args.rank, "patch": args.patch}, env)
         detect = run_child("detect", det_args, env)
+        small = LEVIR / "test_2_0000_0000"
+        swap = run_child("swap", det_args | {"before": f"{small}_A.tif", "after": f"{small}_B.tif"}, env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -261,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.detect_batch}, {'bf16' if device == 'cuda' else 'fp32'}): {detect['wall_s']:.1f} s, "
         f"{detect['mp_per_s']:.3f} MP/s, peak {detect['peak_mb']:.0f} MB, {detect['polygons']} polygons"
     )
+    print(
+        f"change.detect on a 256² pair in one process: first job {swap['first_s']:.2f} s (builds the model), "
+        f"next job with another adapter {swap['next_s']:.2f} s (swaps the adapter in)"
+    )
     out = {
         "benchmark": "change (FILF PEFT vs full fine-tuning, change.detect)",
         **machine_record(device, load_at_start),
@@ -287,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": f"PEFT peak memory <= {GOAL:.0%} of full fine-tuning's",
         "goal_met": goal_met,
         "detect": detect,
+        "adapter_swap": swap,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"change_{device}_{dtype}.json").write_text(json.dumps(out, indent=2))

@@ -55,6 +55,11 @@ def trained_checkpoints(meta: adapters.AdapterMeta, parts: tuple[str, ...]) -> d
     return shas
 
 
+# The last model built, by what built it: the worker lives across jobs, so applying another adapter on the same
+# frozen backbone only swaps the adapter's tensors instead of rebuilding the model and re-reading checkpoints.
+_LOADED: dict[tuple[Any, ...], Any] = {}
+
+
 def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, torch.Tensor], ctx: JobContext) -> Any:
     """The adapter's model on the frozen checkpoints it was trained with (refused if they changed)."""
     parts = method.backbones.get(meta.backbone)
@@ -64,7 +69,15 @@ def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, 
     paths = {part: training_checkpoint(part, shas.get(part), meta.name) for part in parts}
     if meta.config.get("random_backbone_seed") is not None:
         ctx.warn(f"The adapter '{meta.name}' was trained on a randomly initialised {meta.backbone} backbone.")
-    model = method.build(meta.backbone, meta.config, len(meta.bands), paths)
+    built_from = tuple(meta.config.get(k) for k in method.build_config)
+    key = (method.name, meta.backbone, len(meta.bands), built_from, tuple(sorted(shas.items())), tuple(paths.items()))
+    model = _LOADED.get(key)
+    if model is None:
+        _LOADED.clear()  # one model at a time: the memory of the previous one goes back first
+        model = method.build(meta.backbone, meta.config, len(meta.bands), paths)
+        _LOADED[key] = model
+    else:
+        ctx.log(f"The {meta.backbone} backbone is already loaded: only the adapter's weights are swapped in.")
     try:
         model.load_adapter_state(state)
     except CheckpointMismatch as exc:

@@ -94,6 +94,9 @@ class MethodSpec:
     task_title: str = ""  # the task in the analyst's words, for a task the product does not know yet
     apply_batch_size: int = 4  # tiles per forward pass by default
     default_tile: int | None = None  # the apply job's tile size (None: from the adapter, see Application.tile)
+    # The adapter config keys `build` depends on: adapters that agree on them (and on backbone, bands and
+    # checkpoints) share one loaded model in the worker; only their adapter tensors are swapped.
+    build_config: tuple[str, ...] = ()
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -105,6 +105,39 @@ def test_detection_is_reproducible_from_the_saved_adapter(tmp_path: Path) -> Non
     assert np.array_equal(probs[0], probs[1])
 
 
+def test_a_second_adapter_on_the_same_backbone_only_swaps_the_adapter(tmp_path: Path) -> None:
+    """The worker keeps the last model: applying another adapter of the same backbone swaps its tensors in, and
+    gives exactly what a freshly built model gives."""
+    from backend.jobs import apply
+
+    before, after, label = levir("test_55_0256_0000")
+    run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="a", **FAST)
+    state, meta = adapters.load("a")
+    state = {k: v + 0.5 if k.endswith("classify.bias") else v for k, v in state.items()}
+    adapters.save("b", state, meta)
+
+    def detect(adapter: str, out: str) -> tuple[np.ndarray, list[str]]:
+        messages: list[str] = []
+        ctx = JobContext(on_log=lambda level, message, data=None: messages.append(message))
+        spec = JOBS["change.detect"]
+        params = {"before": str(before), "after": str(after), "adapter": adapter, "out_dir": str(tmp_path / out)}
+        result = run_job(spec, spec.validate(params | {"tile_size": 64}), ctx)
+        with rasterio.open(result.outputs[0].path) as ds:
+            return ds.read(1), messages
+
+    apply._LOADED.clear()
+    first_a, logs = detect("a", "a1")
+    assert not any("already loaded" in m for m in logs)
+    swapped_b, logs = detect("b", "b")
+    assert any("already loaded: only the adapter's weights are swapped in" in m for m in logs)
+    again_a, _ = detect("a", "a2")
+    apply._LOADED.clear()
+    fresh_b, logs = detect("b", "b_fresh")
+    assert not any("already loaded" in m for m in logs)
+    assert np.array_equal(first_a, again_a) and np.array_equal(swapped_b, fresh_b)
+    assert not np.array_equal(first_a, swapped_b)
+
+
 def test_an_adapter_for_another_backbone_is_refused(tmp_path: Path) -> None:
     before, after, label = levir("test_55_0256_0000")
     run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="a", **FAST)

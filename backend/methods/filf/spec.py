@@ -195,6 +195,7 @@ SPEC = register(
         prepare=prepare,
         apply_summary="Detect changes between two rasters with a FILF adapter.",
         apply_params=DETECT_PARAMS,
+        build_config=("rank",),
         open=open_detect,
         outputs=CHANGE.declared(),
         apply_verb="detect",

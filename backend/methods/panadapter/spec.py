@@ -314,6 +314,7 @@ SPEC = register(
         prepare=prepare,
         apply_summary="Pansharpen a PAN + MS pair with a PanAdapter adapter: the MS's bands at the PAN's resolution.",
         apply_params=APPLY_PARAMS,
+        build_config=("ratio",),
         open=open_apply,
         outputs=PANSHARPENED,
         stages={"prior": "stage 1 (local priors)", "adapter": "stage 2 (adapters)"},
