@@ -22,9 +22,15 @@ class OutputDecl:
     description: str
 
 
-INPUT_KINDS = ("raster", "vector", "polygons", "layer", "field", "bands", "adapter")
+LAYER_KINDS = ("raster", "vector", "polygons", "layer")  # parameters that name an input file
+INPUT_KINDS = (*LAYER_KINDS, "field", "bands", "adapter")
 # Groups, in the order forms show them.
 GROUPS = ("inputs", "method", "finetune", "tiling", "device", "output")
+
+
+def input_paths(params: tuple[Param, ...], values: dict[str, Any]) -> list[str | None]:
+    """The files a job's values name as inputs (to protect them from being overwritten)."""
+    return [values[p.name] for p in params if p.kind in LAYER_KINDS]
 
 
 def in_group_order(params: tuple[Param, ...]) -> tuple[Param, ...]:

@@ -14,11 +14,20 @@ from backend import adapters
 from backend.context import JobContext, prepare_out_dir
 from backend.io.tiling import TileSpec, run_tiled
 from backend.jobs.base import JobSpec
-from backend.jobs.checkpoints import training_checkpoint
-from backend.jobs.finetune import inputs_of
+from backend.jobs.checkpoints import loaded_model, training_checkpoint
 from backend.methods.spec import MethodSpec
 from backend.models.backbones.loading import CheckpointMismatch
-from backend.params import ADAPTER, BATCH_SIZE, DEVICE, OUT_DIR, OVERLAP, TILE_SIZE, Param, in_group_order
+from backend.params import (
+    ADAPTER,
+    BATCH_SIZE,
+    DEVICE,
+    OUT_DIR,
+    OVERLAP,
+    TILE_SIZE,
+    Param,
+    in_group_order,
+    input_paths,
+)
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 from backend.runtime import halve_batch_on_oom, resolve_device
 
@@ -55,11 +64,6 @@ def trained_checkpoints(meta: adapters.AdapterMeta, parts: tuple[str, ...]) -> d
     return shas
 
 
-# The last model built, by what built it: the worker lives across jobs, so applying another adapter on the same
-# frozen backbone only swaps the adapter's tensors instead of rebuilding the model and re-reading checkpoints.
-_LOADED: dict[tuple[Any, ...], Any] = {}
-
-
 def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, torch.Tensor], ctx: JobContext) -> Any:
     """The adapter's model on the frozen checkpoints it was trained with (refused if they changed)."""
     parts = method.backbones.get(meta.backbone)
@@ -71,12 +75,8 @@ def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, 
         ctx.warn(f"The adapter '{meta.name}' was trained on a randomly initialised {meta.backbone} backbone.")
     built_from = tuple(meta.config.get(k) for k in method.build_config)
     key = (method.name, meta.backbone, len(meta.bands), built_from, tuple(sorted(shas.items())), tuple(paths.items()))
-    model = _LOADED.get(key)
-    if model is None:
-        _LOADED.clear()  # one model at a time: the memory of the previous one goes back first
-        model = method.build(meta.backbone, meta.config, len(meta.bands), paths)
-        _LOADED[key] = model
-    else:
+    model, reused = loaded_model(key, lambda: method.build(meta.backbone, meta.config, len(meta.bands), paths))
+    if reused:
         ctx.log(f"The {meta.backbone} backbone is already loaded: only the adapter's weights are swapped in.")
     try:
         model.load_adapter_state(state)
@@ -87,7 +87,7 @@ def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, 
 
 def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
     started = time.monotonic()
-    ctx.protect_inputs(*inputs_of(declared, p))
+    ctx.protect_inputs(*input_paths(declared, p))
     out_dir = prepare_out_dir(p["out_dir"])
     device = torch.device(resolve_device(p["device"]))
     state, meta = adapters.load(p["adapter"])

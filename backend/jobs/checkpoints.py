@@ -1,6 +1,10 @@
-"""The frozen backbones' checkpoints as jobs see them: installed, allowed random, or a plain error."""
+"""The frozen backbones' checkpoints as jobs see them (installed, allowed random, or a plain error), and the
+model the last apply job built on them."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from backend import weights
 from backend.context import JobContext
@@ -48,3 +52,22 @@ def training_checkpoint(backbone: str, sha256: str | None, adapter: str) -> str 
             "Install the original checkpoint again, or fine-tune a new adapter.",
         )
     return str(path)
+
+
+# The last model an apply job built, by what built it: the worker lives across jobs, so applying another adapter
+# on the same frozen backbone only swaps the adapter's tensors instead of rebuilding it and re-reading checkpoints.
+_LOADED: dict[tuple[Any, ...], Any] = {}
+
+
+def loaded_model(key: tuple[Any, ...], build: Callable[[], Any]) -> tuple[Any, bool]:
+    """(the model built for `key`, whether it was already loaded); one model at a time."""
+    if key in _LOADED:
+        return _LOADED[key], True
+    release_loaded_model()  # the memory of the previous model goes back before the next is built
+    _LOADED[key] = build()
+    return _LOADED[key], False
+
+
+def release_loaded_model() -> None:
+    """Forget the kept model (a fine-tune needs the memory, GPU memory above all)."""
+    _LOADED.clear()

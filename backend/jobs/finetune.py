@@ -12,15 +12,21 @@ from backend import adapters
 from backend.adapters import AdapterMeta
 from backend.context import JobContext
 from backend.jobs.base import JobSpec
-from backend.jobs.checkpoints import backbone_checkpoint
+from backend.jobs.checkpoints import backbone_checkpoint, release_loaded_model
 from backend.methods.spec import RANDOM_BACKBONE_SEED, MethodSpec, Training
 from backend.models.peft.freeze import count_parameters
-from backend.params import ADAPTER_NAME, ALLOW_RANDOM_BACKBONE, DEVICE, OVERWRITE, Param, in_group_order
+from backend.params import (
+    ADAPTER_NAME,
+    ALLOW_RANDOM_BACKBONE,
+    DEVICE,
+    OVERWRITE,
+    Param,
+    in_group_order,
+    input_paths,
+)
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 from backend.runtime import resolve_device
 from backend.training.loop import fit
-
-LAYER_KINDS = ("raster", "vector", "polygons", "layer")
 
 
 def params(method: MethodSpec) -> tuple[Param, ...]:
@@ -35,12 +41,8 @@ def params(method: MethodSpec) -> tuple[Param, ...]:
     return in_group_order((*method.finetune_params, ADAPTER_NAME, backbone, ALLOW_RANDOM_BACKBONE, DEVICE, OVERWRITE))
 
 
-def inputs_of(spec_params: tuple[Param, ...], p: dict[str, Any]) -> list[str | None]:
-    return [p[x.name] for x in spec_params if x.kind in LAYER_KINDS]
-
-
 def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
-    ctx.protect_inputs(*inputs_of(declared, p))
+    ctx.protect_inputs(*input_paths(declared, p))
     resolve_device(p["device"])  # a wrong device fails before the data is read
     name = adapters.sanitize(p["adapter_name"])
     if not p["overwrite"] and any(a["name"] == name for a in adapters.list_adapters()):
@@ -70,6 +72,7 @@ def train_and_save(
     parts = method.backbones[p["backbone"]]
     checkpoints = checkpoints or frozen_checkpoints(method, ctx, p)
     paths = {part: path for part, (path, _) in checkpoints.items()}
+    release_loaded_model()
     model = method.build(p["backbone"], training.config, len(training.bands), paths)
     counted = count_parameters(model)
     ctx.log(f"{method.title} on {p['backbone']}: {counted}")

@@ -108,7 +108,7 @@ def test_detection_is_reproducible_from_the_saved_adapter(tmp_path: Path) -> Non
 def test_a_second_adapter_on_the_same_backbone_only_swaps_the_adapter(tmp_path: Path) -> None:
     """The worker keeps the last model: applying another adapter of the same backbone swaps its tensors in, and
     gives exactly what a freshly built model gives."""
-    from backend.jobs import apply
+    from backend.jobs.checkpoints import release_loaded_model
 
     before, after, label = levir("test_55_0256_0000")
     run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="a", **FAST)
@@ -125,13 +125,13 @@ def test_a_second_adapter_on_the_same_backbone_only_swaps_the_adapter(tmp_path: 
         with rasterio.open(result.outputs[0].path) as ds:
             return ds.read(1), messages
 
-    apply._LOADED.clear()
+    release_loaded_model()
     first_a, logs = detect("a", "a1")
     assert not any("already loaded" in m for m in logs)
     swapped_b, logs = detect("b", "b")
     assert any("already loaded: only the adapter's weights are swapped in" in m for m in logs)
     again_a, _ = detect("a", "a2")
-    apply._LOADED.clear()
+    release_loaded_model()
     fresh_b, logs = detect("b", "b_fresh")
     assert not any("already loaded" in m for m in logs)
     assert np.array_equal(first_a, again_a) and np.array_equal(swapped_b, fresh_b)

@@ -67,7 +67,7 @@ from backend.protocol import INVALID_INPUT, JobError
 from backend.training.loop import FitResult
 
 from .model import build_panadapter
-from .training import Scales, recipe, reduced_resolution_set, split, validate
+from .training import STAGE_NAMES, Scales, recipe, reduced_resolution_set, split, validate
 
 METHOD = "panadapter"
 MS_HALO = 8  # MS pixels read around a tile: the 23-tap interpolator reaches about 6
@@ -317,7 +317,7 @@ SPEC = register(
         build_config=("ratio",),
         open=open_apply,
         outputs=PANSHARPENED,
-        stages={"prior": "stage 1 (local priors)", "adapter": "stage 2 (adapters)"},
+        stages={stage: f"stage {i} ({name})" for i, (stage, name) in enumerate(STAGE_NAMES.items(), start=1)},
         apply_title="Pansharpen (PanAdapter adapter)",
         apply_batch_size=2,
         default_tile=TILE,

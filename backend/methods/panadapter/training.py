@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,7 @@ def validate(model: PanAdapter, val: RRSet, ratio: int, device: torch.device) ->
 
 
 SEED = 1  # the code's seed
+STAGE_NAMES = {"prior": "local priors", "adapter": "adapters"}  # stage 1 and stage 2
 
 
 def recipe(model: PanAdapter, train: RRSet, val: RRSet, p: dict[str, Any], patch: int, device: str) -> Recipe:
@@ -141,10 +143,8 @@ def recipe(model: PanAdapter, train: RRSet, val: RRSet, p: dict[str, Any], patch
         return model.loss(model(ms_up, pan).float(), target)
 
     stages = [
-        Stage("prior", "stage 1/2: local priors", p["prior_epochs"], p["lr_prior"], lambda: model.set_stage("prior")),
-        Stage(
-            "adapter", "stage 2/2: adapters", p["adapter_epochs"], p["lr_adapter"], lambda: model.set_stage("adapter")
-        ),
+        Stage(stage, f"stage {i}/2: {name}", p[f"{stage}_epochs"], p[f"lr_{stage}"], partial(model.set_stage, stage))
+        for i, (stage, name) in enumerate(STAGE_NAMES.items(), start=1)
     ]
     return Recipe(
         stages,
