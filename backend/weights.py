@@ -458,6 +458,7 @@ def describe(entry: ModelEntry) -> dict[str, Any]:
         "path": str(path),
         "file": entry.file,
         "url": entry.url,
+        "pypi": entry.pypi,
         "homepage": entry.homepage,
         "license": entry.license,
         "approx_size_mb": entry.approx_size_mb,

@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -101,19 +102,28 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
             "batch_size": args.batch,
             "patch_size": args.patch,
             "patience": args.epochs,
+            "encoder_scale": args.encoder_scale,
+            "lr": args.lr,
+            "balance_classes": args.balance == "on",
+            "schedule": args.schedule,
+            "fourier_init": args.fourier_init,
+            "choose_threshold": args.threshold == "choose",
             "overwrite": True,
         }
     )
     # The job takes one pair; several labelled pairs go through the same training core.
     result = train_and_save(FILF, ctx, p, training_on(areas, dtype, bands, p))
     random_backbone = any("randomly initialised" in w for w in ctx.warnings)
-    totals = {"filf": np.zeros(4, np.int64), "cva": np.zeros(4, np.int64)}
+    runs = [("cva", "change.cva", {})]
+    for tiling in args.detect_tilings:  # the first is the job's default when its tile and overlap are "auto"
+        tile, overlap = (None if v == "auto" else int(v) for v in tiling.split(":"))
+        extra = {"adapter": f"eval-{group}", "tile_size": tile, "overlap": overlap}
+        runs.insert(len(runs) - 1, ("filf" if not runs[:-1] else f"filf@{tiling}", "change.detect", extra))
+    totals = {method: np.zeros(4, np.int64) for method, _, _ in runs}
+    seconds = dict.fromkeys(totals, 0.0)
     for name in held:
         before, after, label = files(name)
-        for method, job, extra in (
-            ("filf", "change.detect", {"adapter": f"eval-{group}", "tile_size": args.patch}),
-            ("cva", "change.cva", {}),
-        ):
+        for method, job, extra in runs:
             jspec = JOBS[job]
             params = jspec.validate(
                 {
@@ -124,11 +134,13 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
                     **extra,
                 }
             )
+            started = time.monotonic()
             m = run_job(jspec, params, JobContext()).metrics
+            seconds[method] += time.monotonic() - started
             totals[method] += np.array([m["tp"], m["fp"], m["fn"], m["tn"]])
     rows = {}
     for method, (tp, fp, fn, tn) in totals.items():
-        rows[method] = scores(int(tp), int(fp), int(fn), int(tn))
+        rows[method] = scores(int(tp), int(fp), int(fn), int(tn)) | {"seconds": seconds[method]}
     return {
         "group": group,
         "train_pairs": train,
@@ -137,9 +149,10 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
         "random_backbone": random_backbone,
         "best_epoch": result.metrics["best_epoch"],
         "val_f1": result.metrics["val_f1"],
+        "threshold": result.metrics["val_threshold"],
+        "finetune_seconds": result.metrics["finetune_seconds"],
         "trainable_parameters": result.metrics["trainable_parameters"],
-        "filf": rows["filf"],
-        "cva": rows["cva"],
+        **rows,
     }
 
 
@@ -152,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--encoder-scale", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--balance", choices=("on", "off"), default="on")
+    parser.add_argument("--schedule", choices=("cosine", "official"), default="cosine")
+    parser.add_argument("--fourier-init", choices=("kaiming", "official"), default="kaiming")
+    parser.add_argument("--threshold", choices=("choose", "fixed"), default="choose")
+    parser.add_argument(
+        "--detect-tilings",
+        nargs="+",
+        default=["auto:auto", "256:64"],
+        help="change.detect tile:overlap settings to score (auto: the job's default)",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("backend").addHandler(logging.NullHandler())  # messages arrive via the job context
     logging.getLogger("backend").propagate = False
@@ -159,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rs-peft-eval-") as tmp:
         os.environ.setdefault("RS_PEFT_QGIS_DATA_DIR", str(Path(tmp) / "library"))
         records = [run_group(args.data, g, args, Path(tmp)) for g in args.groups]
-    print(f"{'group':<10} {'method':<5} {'precision':>9} {'recall':>7} {'F1':>6} {'IoU':>6}  encoder")
+    print(f"{'group':<10} {'method':<12} {'precision':>9} {'recall':>7} {'F1':>6} {'IoU':>6}  encoder")
     for r in records:
         enc = f"{r['backbone']} ({'random frozen weights' if r['random_backbone'] else 'official weights'})"
-        for method in ("filf", "cva"):
+        for method in [k for k in r if k.startswith("filf")] + ["cva"]:
             m = r[method]
             print(
-                f"{r['group']:<10} {method:<5} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f} {m['iou']:6.3f}"
+                f"{r['group']:<10} {method:<12} {m['precision']:9.3f} {m['recall']:7.3f} {m['f1']:6.3f} {m['iou']:6.3f}"
                 f"  {enc if method == 'filf' else ''}"
             )
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,10 @@ ANNOTATION_FIELDS: dict[str, list[tuple[str, str]]] = {
     "objects": [("class", "int")],
     "landcover": [("class", "int"), ("class_name", "string")],
 }
+# Semantic change (change.finetune's mode "scd"): the classes before and after the change, as fields of the
+# annotation layer -> the fine-tune parameters that read them.
+SEMANTIC_FIELDS: dict[str, list[tuple[str, str]]] = {"change": [("from_class", "int"), ("to_class", "int")]}
+SEMANTIC_PARAMS: dict[str, str] = {"from_field": "from_class", "to_field": "to_class"}
 # Task id -> the field a fine-tune of that task reads its labels from.
 LABEL_FIELD: dict[str, str] = {"change": "change", "objects": "class", "landcover": "class"}
 NOTE_FIELD = "note"
@@ -100,9 +104,10 @@ def new_annotation_layer(
     directory: Path,
     name: str | None = None,
     project: QgsProject | None = None,
+    semantic: bool = False,
 ) -> QgsVectorLayer:
     """Create a new GeoPackage polygon layer for `task`'s labels in `crs`, add it at the top of the
-    project, and start editing it. Never overwrites a file."""
+    project, and start editing it. Never overwrites a file. `semantic` adds the task's from/to class fields."""
     if task not in ANNOTATION_FIELDS:
         known = ", ".join(sorted(ANNOTATION_FIELDS))
         raise ValueError(f"There is no annotation layer for the task '{task}' (known tasks: {known}).")
@@ -113,7 +118,8 @@ def new_annotation_layer(
     title = name or f"{_TITLES[task]} labels {time.strftime('%Y-%m-%d %H:%M')}"
     path = _unique_path(directory, safe_name(name) if name else f"{task}_labels")
 
-    fields = [*ANNOTATION_FIELDS[task], (NOTE_FIELD, "string")]
+    extra = SEMANTIC_FIELDS.get(task, []) if semantic else []
+    fields = [*ANNOTATION_FIELDS[task], *extra, (NOTE_FIELD, "string")]
     uri = "MultiPolygon?" + "&".join(f"field={n}:{_URI_TYPES[t]}" for n, t in fields)
     template = QgsVectorLayer(uri, title, "memory")
     template.setCrs(crs)

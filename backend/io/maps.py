@@ -99,6 +99,9 @@ class MapOutputs:
         )
         self.confusion = BinaryConfusion()
         self.changed = self.valid_px = 0
+        # What the polygons are made of (a subclass may vectorize another raster of its own): see vectorize().
+        self.polygon_source: Path = self.mask_path
+        self.polygon_options: dict[str, Any] = {"class_names": style.class_names}
 
     def __enter__(self) -> MapOutputs:
         style = self.style
@@ -138,15 +141,15 @@ class MapOutputs:
     def finish(self, extra: dict[str, Any] | None = None) -> JobResult:
         """Vectorize the mask (simplified, small polygons dropped) and give the result with its scores."""
         n_polys = vectorize(
-            self.mask_path,
+            self.polygon_source,
             self.gpkg_path,
             layer=self.style.features,
             conf_path=self.prob_path,
             block=self.block,
             simplify_px=self.simplify_px,
             min_area_m2=self.min_area_m2,
-            class_names=self.style.class_names,
             on_block_row=lambda d, t: self.ctx.progress(0.9 + 0.1 * d / t, "vectorizing"),
+            **self.polygon_options,
         )
         metrics: dict[str, Any] = {**self.extra, **(extra or {})}
         m = self.style.measure

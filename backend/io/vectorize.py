@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fiona
 import numpy as np
@@ -90,8 +91,13 @@ def vectorize(
     class_names: dict[int, str] | None = None,
     background: int = 0,
     on_block_row: Callable[[int, int], None] | None = None,
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
+    fields: dict[str, tuple[str, Callable[[int], Any]]] | None = None,
 ) -> int:
     """Polygonize every non-background class of band 1 of `class_path`; returns the feature count.
+
+    `encode` makes the class of each pixel from all bands ((bands, h, w) -> (h, w), e.g. a from/to pair of
+    classes); `fields` adds attributes computed from a polygon's class: {name: (fiona type, class -> value)}.
 
     Blocks are visited row by row. Components that touch across a block edge are joined; a
     group is written out as soon as no piece of it touches the bottom of the current block row.
@@ -104,7 +110,8 @@ def vectorize(
         tol = simplify_px * math.sqrt(pixel_area)
         schema = {
             "geometry": "MultiPolygon",
-            "properties": {"class": "int", "class_name": "str", "area_m2": "float", "confidence": "float"},
+            "properties": {"class": "int", "class_name": "str", "area_m2": "float", "confidence": "float"}
+            | {name: kind for name, (kind, _) in (fields or {}).items()},
         }
         crs = fiona.crs.CRS.from_wkt(grid.crs.to_wkt()) if grid.crs else None
         uf, pieces, count = _UnionFind(), {}, 0
@@ -136,7 +143,8 @@ def vectorize(
                                 "class_name": (class_names or {}).get(parts[0].cls, str(parts[0].cls)),
                                 "area_m2": area,
                                 "confidence": sum(p.conf_sum for p in parts) / n if conf_ds else None,
-                            },
+                            }
+                            | {name: value(parts[0].cls) for name, (_, value) in (fields or {}).items()},
                         }
                     )
                 sink.writerecords(records)
@@ -156,7 +164,7 @@ def vectorize(
                 below_ids = np.zeros(grid.width, dtype=np.int64)
                 left_col: np.ndarray | None = None
                 for win in block_windows(grid.width, grid.height, block, row=r):
-                    ids = _label_block(cds, conf_ds, win, background, next_id, pieces, uf, grid)
+                    ids = _label_block(cds, conf_ds, win, background, next_id, pieces, uf, grid, encode)
                     next_id = max(next_id, int(ids.max()) + 1)
                     c0, c1 = int(win.col_off), int(win.col_off + win.width)
                     if r > 0:
@@ -185,9 +193,10 @@ def _label_block(
     pieces: dict[int, _Piece],
     uf: _UnionFind,
     grid: Grid,
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Label one block into 4-connected same-class components, add them as pieces; return global ids."""
-    cls = cds.read(1, window=win)
+    cls = cds.read(1, window=win) if encode is None else encode(cds.read(window=win))
     cls = np.where(cds.read_masks(1, window=win) > 0, cls, background)
     conf = conf_ds.read(1, window=win).astype(np.float64) if conf_ds else np.ones(cls.shape)
     labels = np.zeros(cls.shape, dtype=np.int32)

@@ -39,7 +39,9 @@ def params(method: MethodSpec) -> tuple[Param, ...]:
             help="Tile size in pixels (auto: the method's, or the adapter's training patch).",
             default=method.default_tile,
         ),
-        OVERLAP.but(help="Tile overlap in pixels, blended (default: a quarter of the tile).", default=None),
+        OVERLAP.but(
+            help="Tile overlap in pixels, blended (default: the method's, or a quarter of the tile).", default=None
+        ),
         BATCH_SIZE.but(default=method.apply_batch_size),
     )
     return in_group_order((adapter, *method.apply_params, OUT_DIR, *tiling, DEVICE))
@@ -101,8 +103,9 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
     app = method.open(ctx, p, meta)
     try:
         tile = p["tile_size"] or app.tile
+        overlap = p["overlap"] if p["overlap"] is not None else app.overlap if not p["tile_size"] else None
         try:
-            spec = TileSpec(tile, tile // 4 if p["overlap"] is None else p["overlap"], p["batch_size"])
+            spec = TileSpec(tile, tile // 4 if overlap is None else overlap, p["batch_size"])
         except ValueError as exc:
             raise JobError(INVALID_INPUT, str(exc)) from None
         model = load_model(method, meta, state, ctx)
@@ -111,7 +114,7 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
         model.to(device).eval()
 
         @halve_batch_on_oom
-        @torch.no_grad()
+        @torch.inference_mode()
         def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
             x = torch.from_numpy(batch).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -142,6 +145,8 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
     result.metrics = {
         "adapter": meta.name,
         **result.metrics,
+        "tile": spec.tile,
+        "overlap": spec.overlap,
         "megapixels_per_second": grid.width * grid.height / 1e6 / max(seconds, 1e-9),
     }
     return result

@@ -64,11 +64,12 @@ class Application:
     predict: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     channels: int  # K, the predicted channels
     sink: Callable[[int], Sink]  # (block size) -> the outputs
-    tile: int  # the tile size when the job gives none (the default overlap is a quarter of the tile)
+    tile: int  # the tile size when the job gives none
     activity: str  # progress wording, e.g. "detecting changes"
     tiles_share: float = 0.9  # of the progress bar, for the tiles (the sink's `finish` takes the rest)
     stage: str | None = None  # the model's stage to run (multi-stage methods)
     close: Callable[[], None] = lambda: None
+    overlap: int | None = None  # with `tile`, when the job gives neither (None: a quarter of the tile)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 The labelled area (an AOI, or the whole overlap when small) is read once on the before grid: both
 dates (the after raster aligned on the fly) and a label raster (0 no change, 1 change, IGNORE where
-nothing is known). The area is split into a training and a validation part along its longer side,
+nothing is known); for semantic change also the date-1 and date-2 classes of the changed pixels. The area
+is split into a training and a validation part along its longer side,
 so validation pixels never appear in a training patch.
 """
 
@@ -15,7 +16,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid, require_same_band_count
-from backend.io.rasterize import IGNORE, rasterize_labels, read_polygons
+from backend.io.rasterize import IGNORE, Polygons, rasterize_labels, read_polygons
 from backend.protocol import INVALID_INPUT, JobError
 
 # Without an AOI the whole overlap is the training area; beyond this many pixels, ask for an AOI.
@@ -28,6 +29,8 @@ class TrainingArea:
     after: np.ndarray  # (C, H, W) float32, aligned onto the before grid
     label: np.ndarray  # (H, W) uint8: 0, 1, IGNORE
     grid: Grid
+    # Semantic change: (2, H, W) uint8, the from/to classes (1..K) of changed pixels; 0 = unchanged or unknown.
+    classes: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -36,6 +39,11 @@ class TrainingArea:
     @property
     def images(self) -> tuple[np.ndarray, ...]:
         return self.before, self.after
+
+    @property
+    def targets(self) -> tuple[np.ndarray, ...]:
+        """What a patch is scored against: the change label, and the from/to classes when known."""
+        return (self.label,) if self.classes is None else (self.label, self.classes)
 
 
 def load_training_area(
@@ -47,16 +55,22 @@ def load_training_area(
     label_field: str | None = None,
     warnings: list[str] | None = None,
     require_change: bool = True,
+    semantic: SemanticLabels | None = None,
 ) -> TrainingArea:
     """Read both dates and the labels over the labelled area (see module docstring).
 
-    `require_change=False` accepts an area without any change (negatives next to other areas).
+    `require_change=False` accepts an area without any change (negatives next to other areas). With
+    `semantic`, the labels carry from/to classes (polygon fields, or `labels` and `semantic.labels_after` as
+    date-1 and date-2 class rasters) and a pixel is changed where either class is set.
     """
     with RasterSource(before, bands, what="before") as b0, RasterSource(after, bands, what="after") as a0:
         require_same_band_count(b0, a0)
         grid = overlap_grid(b0.native, a0.native, ("before", "after"))
     aoi_polys = read_polygons(aoi, grid.crs, what="area of interest", warnings=warnings) if aoi else None
-    if is_raster(labels, "label"):
+    classes = None
+    if semantic is not None:
+        label, classes, sub = _semantic_labels(labels, semantic, grid, aoi_polys, warnings)
+    elif is_raster(labels, "label"):
         label, sub = _raster_labels(labels, grid, aoi_polys)
     else:
         polys = read_polygons(labels, grid.crs, class_field=label_field, what="label", warnings=warnings)
@@ -78,7 +92,63 @@ def load_training_area(
         xb, vb = b.read(win)
         xa, va = a.read(win)
     label = np.where(vb & va, label, IGNORE).astype(np.uint8)
-    return TrainingArea(xb, xa, label, sub)
+    if classes is not None:
+        classes = np.where(label == 1, classes, 0).astype(np.uint8)
+    return TrainingArea(xb, xa, label, sub, classes)
+
+
+@dataclass(frozen=True)
+class SemanticLabels:
+    """Where the from/to classes of semantic change labels are: two fields of the label polygons, or a second
+    class raster for date 2 (the `labels` raster then holds the date-1 classes; 0 = unchanged)."""
+
+    from_field: str | None = None
+    to_field: str | None = None
+    labels_after: str | None = None
+
+
+def _semantic_labels(
+    labels: str, semantic: SemanticLabels, grid: Grid, aoi: Polygons | None, warnings: list[str] | None
+) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """(change label, (2, H, W) from/to classes, grid) from class polygons or two class rasters."""
+    if is_raster(labels, "label"):
+        if not semantic.labels_after:
+            raise JobError(
+                INVALID_INPUT,
+                "Semantic change from rasters needs two class rasters: the date-1 classes and the date-2 classes.",
+                "Give the date-2 class raster as 'labels after', or use polygons with from/to class fields.",
+            )
+        sub = grid if aoi is None else rasterize_labels(aoi, grid)[1]
+        if aoi is None:
+            _check_size(grid)
+        stack, known = [], np.ones((sub.height, sub.width), bool)
+        for path, what in ((labels, "date-1 class"), (semantic.labels_after, "date-2 class")):
+            with RasterSource(path, [1], grid=sub, resampling=Resampling.nearest, what=what) as src:
+                data, valid = src.read(Window(0, 0, sub.width, sub.height))
+            stack.append(np.clip(data[0], 0, IGNORE - 1).astype(np.uint8))
+            known &= valid
+        classes = np.stack(stack)
+        label = np.where(known, (classes > 0).any(0), IGNORE).astype(np.uint8)
+        if aoi is not None:
+            label = np.where(rasterize_labels(aoi, grid)[0] > 0, label, IGNORE).astype(np.uint8)
+        return label, classes, sub
+    if not (semantic.from_field and semantic.to_field):
+        raise JobError(
+            INVALID_INPUT,
+            "Semantic change polygons need a 'from class' field and a 'to class' field.",
+            "Choose the fields that hold the class numbers before and after the change.",
+        )
+    if aoi is None:
+        _check_size(grid)
+    burnt = []
+    for field in (semantic.from_field, semantic.to_field):
+        polys = read_polygons(labels, grid.crs, class_field=field, what="label", warnings=warnings)
+        burnt.append(rasterize_labels(polys, grid, aoi=aoi))
+    (c1, sub), (c2, _) = burnt
+    outside = c1 == IGNORE
+    classes = np.where(outside, 0, np.stack([c1, c2])).astype(np.uint8)
+    label = np.where(outside, IGNORE, (classes > 0).any(0)).astype(np.uint8)
+    return label, classes, sub
 
 
 def _check_size(grid: Grid) -> None:
@@ -150,17 +220,15 @@ def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) 
     return whole[:-n_val], whole[-n_val:]
 
 
-def val_patches(part: Part, patch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """A validation part cut into patches (the last row/column shifted back to stay inside)."""
+def val_patches(part: Part, patch: int) -> list[tuple[np.ndarray, ...]]:
+    """A validation part cut into patches (the last row/column shifted back to stay inside): the images of
+    both dates, then the targets (see TrainingArea.targets)."""
     area, (rows, cols) = part
     out = []
     for r in _starts(rows.start, rows.stop, patch):
         for c in _starts(cols.start, cols.stop, patch):
-            y = area.label[r : r + patch, c : c + patch]
-            if np.any(y != IGNORE):
-                out.append(
-                    (area.before[:, r : r + patch, c : c + patch], area.after[:, r : r + patch, c : c + patch], y)
-                )
+            if np.any(area.label[r : r + patch, c : c + patch] != IGNORE):
+                out.append(tuple(a[..., r : r + patch, c : c + patch] for a in (*area.images, *area.targets)))
     return out
 
 

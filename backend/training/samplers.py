@@ -58,7 +58,7 @@ class LabelledPatchSampler(PatchSampler):
             r, c = r + rows.start, c + cols.start
             k = int(self.rng.integers(4))
             flip_h, flip_v = self.rng.random() < 0.5, self.rng.random() < 0.5
-            arrays = [*area.images, area.label]
+            arrays = [*area.images, *area.targets]
             if not out:
                 out = [[] for _ in arrays]
             for j, a in enumerate(arrays):

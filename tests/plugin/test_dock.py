@@ -514,6 +514,39 @@ def test_annotate_then_finetune_on_selection(dock, qgis_iface, tmp_path) -> None
     QgsProject.instance().setFileName("")
 
 
+def test_semantic_change_annotation_has_from_to_fields_and_trains_scd(dock, qgis_iface, tmp_path) -> None:
+    QgsProject.instance().setCrs(QgsRasterLayer(str(levir("test_2_0000_0512")[0])).crs())
+    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
+    before, after = pair()
+    finetune = dock.run_tab.form_for("change.finetune")
+    finetune.set_value("before", before)
+    finetune.set_value("after", after)
+    for name, value in {**FAST_FINETUNE, "adapter_name": "dock-scd", "overwrite": True, "mode": "scd"}.items():
+        finetune.set_value(name, value)
+    layer = dock.annotate_tab.new_annotation_layer()
+    assert layer is not None and {"from_class", "to_class"} <= set(layer.fields().names())
+    assert "'from_class' and 'to_class'" in dock.annotate_tab.status.text()
+    full = before.extent()
+    w, h = full.width(), full.height()
+    for (x0, y0, x1, y1), (was, now) in (((0.1, 0.1, 0.4, 0.4), (1, 2)), ((0.6, 0.6, 0.9, 0.9), (0, 0))):
+        f = QgsFeature(layer.fields())
+        rect = QgsRectangle(
+            full.xMinimum() + x0 * w, full.yMinimum() + y0 * h, full.xMinimum() + x1 * w, full.yMinimum() + y1 * h
+        )
+        f.setGeometry(QgsGeometry.fromRect(rect))
+        f["from_class"], f["to_class"] = was, now
+        assert layer.addFeature(f)
+    task = dock.annotate_tab.finetune_on_selection()
+    assert task is not None, dock.run_tab.message.text()
+    assert task.params["mode"] == "scd"
+    assert (task.params["from_field"], task.params["to_field"]) == ("from_class", "to_class")
+    wait_done(dock)
+    assert task.outcome["status"] == "finished", task.outcome
+    assert "val_miou" in task.outcome["result"]["metrics"]
+    layer.rollBack()
+    QgsProject.instance().setFileName("")
+
+
 def test_unload_during_a_job_cancels_it(qgis_iface, qgis_new_project, tmp_path) -> None:
     from rs_peft_qgis import classFactory
 

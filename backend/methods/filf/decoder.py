@@ -2,10 +2,12 @@
 
 BCD: CDFE fuses [f1; f2] (2C -> C), FDFE refines and upsamples x2 (C -> C/2 -> C/4), a head upsamples to the
 input size and classifies. For the official 256-channel necks the widths are the paper's 512 -> 256 -> 128
--> 64.
+-> 64. SCD adds a second FDFE and head, shared by both dates, for the land-cover maps.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -122,3 +124,28 @@ class BCDDecoder(nn.Module):
 
     def forward(self, f1: torch.Tensor, f2: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.head(self.fdfe(self.cdfe(f1, f2)), size)
+
+
+@dataclass
+class SCDOutput:
+    """Semantic change logits: `change` (B, 1, H, W), `sem1` and `sem2` (B, num_seg, H, W)."""
+
+    change: torch.Tensor
+    sem1: torch.Tensor
+    sem2: torch.Tensor
+
+
+class SCDDecoder(nn.Module):
+    """Semantic change decoder: the BCD branch with a 1-channel change logit, plus one FDFE and one head
+    shared by both dates that map f1 and f2 separately to land-cover logits."""
+
+    def __init__(self, channels: int = 256, num_seg: int = 7) -> None:
+        super().__init__()
+        c, mid, out = decoder_widths(channels)
+        self.change = BCDDecoder(channels, 1)
+        self.semantic = FrequencyFeatureEnhancement(c, mid, out)
+        self.semantic_head = PredictionHead(out, num_seg)
+
+    def forward(self, f1: torch.Tensor, f2: torch.Tensor, size: tuple[int, int]) -> SCDOutput:
+        sem1, sem2 = (self.semantic_head(self.semantic(f), size) for f in (f1, f2))
+        return SCDOutput(self.change(f1, f2, size), sem1, sem2)

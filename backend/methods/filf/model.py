@@ -1,14 +1,14 @@
 """The FILF model: a frozen SAM / MobileSAM encoder shared by both dates, BIF-LoRA in every attention, and
-the binary change (BCD) decoder (methods.md §4). The paper's semantic change decoder (SCD) is not built: no job
-offers semantic change fine-tuning yet, and no semantic change data is at hand to test it on."""
+a binary (BCD) or semantic (SCD) change decoder (methods.md §4)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,8 +18,10 @@ from backend.models.backbones.base import Backbone
 from backend.models.peft.freeze import FreezePolicy, apply_freezing
 from backend.models.peft.state import AdapterState
 
-from .decoder import BCDDecoder
+from .decoder import BCDDecoder, SCDDecoder, SCDOutput
 from .interaction import inject_bitemporal_lora
+
+Mode = Literal["bcd", "scd"]
 
 FAMILIES: dict[str, ModuleType] = {"tiny_vit": tiny_vit, "sam_vit": sam_vit}
 
@@ -30,29 +32,50 @@ POLICY = FreezePolicy(trainable=("decoder.*",))
 class FILF(AdapterState, nn.Module):
     """Bi-temporal change detection on a frozen encoder with BiTemporalInteractionLoRA on every qkv.
 
-    forward(x1, x2) with (B, 3, H, W) images of both dates -> (B, 2, H, W) logits (no change, change). Both
-    dates pass through the encoder as one stacked batch, which is how the LoRA modules find them. Training needs
-    at least 2 pairs per batch (the decoder's Fourier units batch-normalise pooled features).
+    forward(x1, x2) with (B, 3, H, W) images of both dates: "bcd" -> (B, 2, H, W) logits (no change, change);
+    "scd" -> SCDOutput (change logit (B, 1, H, W), sem1 and sem2 (B, num_seg, H, W)). Both dates pass through
+    the encoder as one stacked batch, which is how the LoRA modules find them. Training needs at least 2 pairs
+    per batch (the decoder's Fourier units batch-normalise pooled features).
+
+    `encoder_scale` resizes both dates before the encoder and the decoder's output back: a departure from the
+    paper (which feeds 256² tiles as they are) for encoders pretrained on larger images, whose 16-pixel
+    tokens are otherwise coarser than the objects that change (measured in docs/BENCHMARKS.md).
     """
 
-    def __init__(self, backbone: Backbone, rank: int = 8, alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        rank: int = 8,
+        alpha: float = 1.0,
+        mode: Mode = "bcd",
+        num_seg: int = 7,
+        encoder_scale: float = 1.0,
+    ) -> None:
         super().__init__()
+        if mode not in ("bcd", "scd"):
+            raise ValueError(f"FILF mode must be 'bcd' or 'scd', got {mode!r}")
+        self.mode, self.encoder_scale = mode, encoder_scale
         self.backbone = backbone
         self.lora_layers = inject_bitemporal_lora(backbone, rank, alpha)
         if not self.lora_layers:
             raise ValueError(f"{type(backbone).__name__} has no fused attn.qkv projection to adapt")
         channels = backbone.config.out_chans
-        self.decoder = BCDDecoder(channels, 2)
+        self.decoder: BCDDecoder | SCDDecoder = (
+            BCDDecoder(channels, 2) if mode == "bcd" else SCDDecoder(channels, num_seg)
+        )
         self.freeze()
 
     def freeze(self) -> None:
         """Freeze every encoder weight; train the LoRA tensors (`lora_*`) and the decoder."""
         apply_freezing(self, POLICY)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | SCDOutput:
         if x1.shape != x2.shape:
             raise ValueError(f"both dates need the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-        f1, f2 = self.backbone(torch.cat([x1, x2])).chunk(2)
+        x = torch.cat([x1, x2])
+        if self.encoder_scale != 1:
+            x = F.interpolate(x, scale_factor=self.encoder_scale, mode="bilinear", align_corners=False)
+        f1, f2 = self.backbone(x).chunk(2)
         return self.decoder(f1, f2, x1.shape[-2:])
 
     def enable_activation_checkpointing(self) -> None:
@@ -87,14 +110,15 @@ def build_filf(
     rank: int = 8,
     alpha: float = 1.0,
     backbone_state: Mapping[str, torch.Tensor] | None = None,
+    **options: Any,
 ) -> FILF:
     """FILF on the named backbone. Without `backbone_state` the encoder is randomly initialised; with it (an
     official checkpoint, e.g. from `read_checkpoint`) the family's `load_official` loads it before the LoRA
-    wrapping renames the qkv projections."""
+    wrapping renames the qkv projections. `options`: FILF's mode, num_seg and encoder_scale."""
     backbone = build_backbone(backbone_name)
     if backbone_state is not None:
         FAMILIES[weights.backbone_info(backbone_name).family].load_official(backbone, backbone_state)
-    return FILF(backbone, rank, alpha)
+    return FILF(backbone, rank, alpha, **options)
 
 
 def _checkpointed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

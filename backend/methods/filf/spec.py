@@ -40,12 +40,17 @@ from backend.params import (
     Param,
 )
 from backend.protocol import INVALID_INPUT, JobError
-from backend.training.change_data import TrainingArea, load_training_area
+from backend.training.change_data import SemanticLabels, TrainingArea, load_training_area
 
 from .model import build_filf
+from .outputs import CLASSES_OUTPUT, SemanticChangeOutputs
 from .training import normalization, normalizer, recipe
 
 METHOD = "filf"
+# change.detect's default tiling: tiles of 512 overlapping by 64 read 1.31x the scene's pixels where the
+# training patch's 256 with a quarter overlap read 1.78x (speed and held-out F1 of both in docs/BENCHMARKS.md).
+DETECT_TILE, DETECT_OVERLAP = 512, 64
+ENCODER_SCALE = 1  # the paper's; 2 measured in docs/BENCHMARKS.md (FILF on the real encoder)
 
 FINETUNE_PARAMS = (
     BEFORE,
@@ -66,7 +71,49 @@ FINETUNE_PARAMS = (
         parent="labels",
     ),
     BANDS,
+    Param(
+        "mode",
+        str,
+        "bcd: change / no change; scd: semantic change, with the class before and after (from/to fields, or "
+        "two class rasters).",
+        default="bcd",
+        choices=("bcd", "scd"),
+        group="method",
+    ),
+    Param(
+        "from_field",
+        str,
+        "Semantic change: field of the label polygons holding the class number before the change (0 = unchanged).",
+        kind="field",
+        parent="labels",
+    ),
+    Param(
+        "to_field",
+        str,
+        "Semantic change: field of the label polygons holding the class number after the change.",
+        kind="field",
+        parent="labels",
+    ),
+    Param(
+        "labels_after",
+        str,
+        "Semantic change from rasters: the date-2 class raster (the labels raster then holds the date-1 classes; "
+        "0 = unchanged).",
+        kind="raster",
+    ),
     Param("rank", int, "LoRA rank.", default=8, minimum=1, maximum=1024, step=1),
+    Param(
+        "encoder_scale",
+        int,
+        "Enlarge the images this many times before the encoder (1 = the paper): MobileSAM was pretrained on "
+        "1024-pixel images, and its 16-pixel tokens are coarse for small changes.",
+        default=ENCODER_SCALE,
+        minimum=1,
+        maximum=4,
+        step=1,
+        group="method",
+        why="4 already feeds a 256-pixel patch to the encoder at its pretraining size",
+    ),
     EPOCHS.but(default=20),
     STEPS_PER_EPOCH.but(default=20),
     TRAIN_BATCH_SIZE.but(
@@ -76,13 +123,39 @@ FINETUNE_PARAMS = (
         why="FILF's decoder normalises over the batch",
     ),
     PATCH_SIZE.but(default=256, minimum=64, step=32, help="Training patch size in pixels (a multiple of 32)."),
-    LR.but(default=2.8e-4),
+    LR.but(default=1e-3, help="Learning rate (the paper's is 2.8e-4 over 100 epochs; see docs/BENCHMARKS.md)."),
+    Param(
+        "schedule",
+        str,
+        "official: the paper's cosine restarted every 2·(epochs // 3) steps; cosine: one cosine decay over the "
+        "whole run.",
+        default="cosine",
+        choices=("cosine", "official"),
+        group="finetune",
+    ),
+    Param(
+        "fourier_init",
+        str,
+        "Start of the decoder's Fourier-unit spectral convolutions: official (every weight 1, the authors' code) or "
+        "kaiming (PyTorch's default), which learns faster on few steps.",
+        default="kaiming",
+        choices=("kaiming", "official"),
+        group="finetune",
+    ),
     VAL_FRACTION.but(default=0.25),
     PATIENCE.but(default=5, help="Stop after this many epochs without a better validation IoU."),
     Param(
         "balance_classes",
         bool,
         "Weigh changed and unchanged pixels equally in the loss (off = the paper's plain BCE).",
+        default=True,
+        group="finetune",
+    ),
+    Param(
+        "choose_threshold",
+        bool,
+        "Choose the change threshold with the best F1 on the validation patches and keep it in the adapter "
+        "(off = 0.5, the paper's).",
         default=True,
         group="finetune",
     ),
@@ -102,7 +175,9 @@ DETECT_PARAMS = (
     AOI,
     Param("backbone", str, "Expected backbone (refused if the adapter was trained on another).", group="method"),
     REFERENCE.but(help="Optional reference change mask to score against."),
-    THRESHOLD.but(help="Change probability threshold."),
+    THRESHOLD.but(
+        default=None, help="Change probability threshold (default: the adapter's, chosen on its validation patches)."
+    ),
     MIN_AREA_M2.but(help="Drop change polygons smaller than this (square metres)."),
     SIMPLIFY,
     NAME.but(default="filf"),
@@ -114,13 +189,18 @@ def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[s
     torch.manual_seed(RANDOM_BACKBONE_SEED)
     path = checkpoints.get(backbone)
     state = read_checkpoint(path) if path else None
-    return build_filf(backbone, rank=config["rank"], backbone_state=state)
+    # Adapters saved before semantic change and the encoder scale were offered are binary, at scale 1.
+    options = {"mode": config.get("mode", "bcd"), "num_seg": config.get("num_seg", 7)}
+    return build_filf(
+        backbone, rank=config["rank"], backbone_state=state, encoder_scale=config.get("encoder_scale", 1), **options
+    )
 
 
 def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
     ctx.progress(0.0, "reading labelled area", force=True)
+    semantic = SemanticLabels(p["from_field"], p["to_field"], p["labels_after"]) if p["mode"] == "scd" else None
     area = load_training_area(
-        p["before"], p["after"], p["labels"], p["aoi"], p["bands"], p["label_field"], ctx.warnings
+        p["before"], p["after"], p["labels"], p["aoi"], p["bands"], p["label_field"], ctx.warnings, semantic=semantic
     )
     with RasterSource(p["before"], p["bands"]) as src:
         dtype, bands = src.dtype, src.bands
@@ -132,14 +212,26 @@ def training_on(areas: list[TrainingArea], dtype: np.dtype, bands: list[int], p:
     if p["patch_size"] % 32:
         raise JobError(INVALID_INPUT, "The patch size must be a multiple of 32 pixels.")
     norm = normalization(areas, p["backbone"], dtype)
+    config = {"rank": p["rank"], "patch_size": p["patch_size"], "mode": p["mode"], "encoder_scale": p["encoder_scale"]}
+    classes = ["no change", "change"]
+    if p["mode"] == "scd":
+        top = max(int(a.classes.max()) for a in areas if a.classes is not None)
+        if top < 1:
+            raise JobError(
+                INVALID_INPUT,
+                "The semantic change labels give no class (from/to class numbers are 1 or more).",
+                "Fill in the from and to classes of the change polygons.",
+            )
+        config["num_seg"] = top + 1
+        classes = ["no change", *(f"class {k}" for k in range(1, top + 1))]
     return Training(
         bands=bands,
         dtype=dtype,
         normalization=norm,
         grid=areas[0].grid,
-        config={"rank": p["rank"], "patch_size": p["patch_size"]},
+        config=config,
         recipe=lambda model, device: recipe(model, areas, norm, p, device),
-        classes=["no change", "change"],
+        classes=classes,
         areas=len(areas),
     )
 
@@ -162,21 +254,33 @@ def open_detect(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applic
         sources = opened.pop_all()
     nb = len(meta.bands)
     norms: dict[torch.device, Any] = {}
+    semantic = meta.config.get("mode") == "scd"
 
     def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         norm = norms.setdefault(x.device, normalizer(meta.normalization, x.device))
-        return torch.sigmoid(model(norm(x[:, :nb]), norm(x[:, nb:]))[:, 1:2].float())
+        out = model(norm(x[:, :nb]), norm(x[:, nb:]))
+        if semantic:  # probabilities blend across tile overlaps; the sink takes the most likely classes
+            classes = (s.float().softmax(1) for s in (out.sem1, out.sem2))
+            return torch.cat([torch.sigmoid(out.change.float()), *classes], 1)
+        return torch.sigmoid(out[:, 1:2].float())
+
+    threshold = p["threshold"] if p["threshold"] is not None else meta.metrics.get("val_threshold", 0.5)
 
     def sink(block: int) -> MapOutputs:
-        out_dir, extra = Path(p["out_dir"]), {"threshold": p["threshold"]}
-        return MapOutputs(
-            ctx, out_dir, p["name"], grid, block, CHANGE, p["reference"], p["threshold"], p["simplify"],
-            p["min_area_m2"], extra,
-        )  # fmt: skip
+        args = (ctx, Path(p["out_dir"]), p["name"], grid, block, CHANGE, p["reference"], threshold, p["simplify"])
+        extra = {"threshold": threshold}
+        if semantic:
+            return SemanticChangeOutputs(*args, p["min_area_m2"], extra, class_names=meta.classes)
+        return MapOutputs(*args, p["min_area_m2"], extra)
 
-    tile = meta.config.get("patch_size", 256)  # detect on tiles of the training patch size
     read = stack_reader((before, after), grid, aoi)
-    return Application(grid, read, predict, 1, sink, tile, "detecting changes", close=sources.close)
+    channels = 1 + 2 * meta.config["num_seg"] if semantic else 1
+    # A scene smaller than the tile is one tile of its own size (rounded up to 32 px), not padded out to 512.
+    covering = -(-max(grid.width, grid.height) // 32) * 32
+    tile = min(max(DETECT_TILE, meta.config.get("patch_size", 256)), max(covering, 64))
+    return Application(
+        grid, read, predict, channels, sink, tile, "detecting changes", close=sources.close, overlap=DETECT_OVERLAP
+    )
 
 
 SPEC = register(
@@ -195,9 +299,9 @@ SPEC = register(
         prepare=prepare,
         apply_summary="Detect changes between two rasters with a FILF adapter.",
         apply_params=DETECT_PARAMS,
-        build_config=("rank",),
+        build_config=("rank", "mode", "num_seg", "encoder_scale"),
         open=open_detect,
-        outputs=CHANGE.declared(),
+        outputs=(*CHANGE.declared(), CLASSES_OUTPUT),
         apply_verb="detect",
         apply_title="Detect (FILF adapter)",
     )

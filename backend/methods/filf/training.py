@@ -1,13 +1,16 @@
 """FILF's fine-tuning recipe (methods.md §4.3) on the shared training loop.
 
-Adam at 2.8e-4 without weight decay over the trainable parameters only, the official cosine schedule
-(T_max = epochs // 3, stepped every iteration, so it cycles), BCE-with-logits on the two-channel output
+Adam without weight decay over the trainable parameters only, BCE-with-logits on the two-channel output
 against one-hot labels (IGNORE pixels excluded), validation F1/IoU of the change class after every epoch, the
-best epoch by change IoU (as the official code selects), early stopping.
+best epoch by change IoU (as the official code selects), early stopping. Where the paper's recipe (lr 2.8e-4,
+a cosine restarted every 2·(epochs // 3) steps, Fourier units starting at all-ones weights, plain BCE, a 0.5
+threshold) learns too slowly for a few hundred CPU steps, the job's defaults depart from it, each switchable
+and measured in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +20,12 @@ from torch import nn
 
 from backend import weights
 from backend.io.rasterize import IGNORE
-from backend.metrics.change import BinaryConfusion
+from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
 from backend.training.change_data import TrainingArea, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.samplers import LabelledPatchSampler
+
+from .decoder import FourierUnit, SCDOutput
 
 SEED = 32767  # the official seed
 Normalize = Callable[[torch.Tensor], torch.Tensor]
@@ -42,6 +47,39 @@ def change_loss(logits: torch.Tensor, label: torch.Tensor, balance: bool = False
     return torch.stack(parts).mean()
 
 
+def _class_ce(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the pixels with a class (0 = unchanged or unknown is ignored); 0 where none has."""
+    if not bool((classes > 0).any()):
+        return logits.sum() * 0.0
+    return nn.functional.cross_entropy(logits, classes.long(), ignore_index=0)
+
+
+def scd_loss(out: SCDOutput, label: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The official semantic change loss (methods.md §4.3): ½·CE(sem1) + ½·CE(sem2) over changed pixels, a
+    weighted BCE of the change logit (0.25 on changed, 0.75 on unchanged pixels, each a mean) and the
+    change-similarity loss (cosine embedding of the class probabilities without class 0: alike where unchanged,
+    not alike where changed, margin 0). IGNORE pixels count nowhere."""
+    known = label != IGNORE
+    changed, unchanged = known & (label == 1), known & (label == 0)
+    logit = out.change[:, 0].float()
+    per_px = nn.functional.binary_cross_entropy_with_logits(logit, changed.to(logit.dtype), reduction="none")
+    bce = sum(w * per_px[m].mean() for w, m in ((0.25, changed), (0.75, unchanged)) if m.any())
+    semantic = 0.5 * (_class_ce(out.sem1.float(), classes[:, 0]) + _class_ce(out.sem2.float(), classes[:, 1]))
+    p1, p2 = (torch.softmax(s.float(), dim=1)[:, 1:] for s in (out.sem1, out.sem2))
+    cos = nn.functional.cosine_similarity(p1, p2, dim=1)
+    similarity = torch.where(changed, cos.clamp(min=0), 1 - cos)[known].mean() if known.any() else cos.sum() * 0
+    return bce + semantic + similarity
+
+
+def semantic_maps(out: SCDOutput, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(change probability, date-1 classes, date-2 classes), (B, H, W) each: the most likely class 1..K where
+    the change probability passes `threshold`, 0 elsewhere (class 0 never trains, see scd_loss)."""
+    prob = torch.sigmoid(out.change[:, 0].float())
+    mask = prob > threshold
+    c1, c2 = ((s[:, 1:].argmax(1) + 1) * mask for s in (out.sem1, out.sem2))
+    return prob, c1, c2
+
+
 def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
     """The encoder's own normalisation (from the weights registry) for 8-bit data with its band count, else
     per-band statistics of the labelled areas."""
@@ -59,32 +97,56 @@ def normalizer(norm: dict[str, list[float]], device: torch.device) -> Normalize:
     return lambda x: (x - mean) / std
 
 
+# Thresholds tried on the validation patches; the one with the best change F1 is kept in the adapter.
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+
+
 @torch.no_grad()
 def evaluate_patches(
     model: nn.Module,
-    patches: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    patches: list[tuple[np.ndarray, ...]],
     normalize: Normalize,
     batch_size: int,
     device: torch.device,
+    num_classes: int = 0,
+    choose_threshold: bool = True,
 ) -> dict[str, Any]:
+    """Change scores on validation patches (images, label[, from/to classes]): precision, recall, F1, IoU … of
+    the change class at the threshold with the best F1 (0.5 without `choose_threshold`, the paper's), which is
+    reported as `threshold`; with `num_classes`, also the semantic change scores (mIoU, SeK, Fscd …)."""
     model.eval()
-    confusion = BinaryConfusion()
+    thresholds = THRESHOLDS if choose_threshold else (0.5,)
+    binary = {t: BinaryConfusion() for t in thresholds}
+    semantic = {t: SemanticChangeConfusion(num_classes) for t in thresholds} if num_classes else {}
     for i in range(0, len(patches), batch_size):
         chunk = patches[i : i + batch_size]
-        x1 = normalize(torch.from_numpy(np.stack([c[0] for c in chunk])).to(device))
-        x2 = normalize(torch.from_numpy(np.stack([c[1] for c in chunk])).to(device))
+        x1, x2 = (normalize(torch.from_numpy(np.stack([c[j] for c in chunk])).to(device)) for j in (0, 1))
         y = np.stack([c[2] for c in chunk])
+        known = y != IGNORE
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            prob = torch.sigmoid(model(x1, x2)[:, 1].float()).cpu().numpy()
-        confusion.update(prob > 0.5, y == 1, valid=y != IGNORE)
-    return confusion.metrics()
+            out = model(x1, x2)
+        for t in thresholds:
+            if num_classes:
+                prob, c1, c2 = (a.cpu().numpy() for a in semantic_maps(out, t))
+                ref = np.stack([c[3] for c in chunk])
+                semantic[t].update(c1, c2, ref[:, 0], ref[:, 1], valid=known)
+            else:
+                prob = torch.sigmoid(out[:, 1].float()).cpu().numpy()
+            binary[t].update(prob > t, y == 1, valid=known)
+    # Ties go to the threshold nearest 0.5.
+    best = max(thresholds, key=lambda t: (binary[t].metrics()["f1"], -abs(t - 0.5)))
+    scores = binary[best].metrics() | {"threshold": best}
+    if num_classes:
+        scores |= {k: v for k, v in semantic[best].metrics().items() if k not in scores}
+    return scores
 
 
 def recipe(
     model: nn.Module, areas: list[TrainingArea], norm: dict[str, list[float]], p: dict[str, Any], device: str
 ) -> Recipe:
     """FILF's recipe on labelled areas (`p`: change.finetune's parameters); one area is split by area,
-    several hold whole areas out for validation."""
+    several hold whole areas out for validation. Semantic change (mode scd) trains with the official SCD loss
+    and keeps the epoch with the best binary mIoU, as the official code does."""
     if p["checkpointing"] == "on" or (p["checkpointing"] == "auto" and device.startswith("cuda")):
         model.enable_activation_checkpointing()  # type: ignore[operator]
     patch, epochs = p["patch_size"], p["epochs"]
@@ -93,26 +155,42 @@ def recipe(
     val = [x for part in val_parts for x in val_patches(part, patch)]
     dev = torch.device(device)
     normalize = normalizer(norm, dev)
+    num_classes = model.decoder.semantic_head.classify.out_channels - 1 if p["mode"] == "scd" else 0  # type: ignore[union-attr]
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x1, x2, y = batch
-        return change_loss(model(normalize(x1), normalize(x2)).float(), y, p["balance_classes"])
+        x1, x2, y, *classes = batch
+        out = model(normalize(x1), normalize(x2))
+        if num_classes:
+            return scd_loss(out, y, classes[0])
+        return change_loss(out.float(), y, p["balance_classes"])
 
-    # The official code steps a CosineAnnealing(T_max = epochs // 3) every iteration: kept as is.
+    if p["fourier_init"] == "kaiming":
+        for unit in (m for m in model.decoder.modules() if isinstance(m, FourierUnit)):
+            nn.init.kaiming_uniform_(unit.spectral.weight, a=math.sqrt(5))  # nn.Conv2d's own initialisation
+    # The official code steps a CosineAnnealing(T_max = epochs // 3) every iteration, so the rate restarts
+    # every 2·(epochs // 3) steps; "cosine" decays once over the whole run instead.
+    t_max = max(epochs // 3, 1) if p["schedule"] == "official" else max(epochs * p["steps_per_epoch"], 1)
     stage = Stage(
         "adapter",
         "",
         epochs,
         p["lr"],
-        schedule=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs // 3, 1)),
+        schedule=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max),
     )
+
+    def describe(m: dict[str, float]) -> str:
+        words = f"F1 {m['f1']:.3f}, IoU {m['iou']:.3f} at threshold {m['threshold']:.2f}"
+        return words + (f"; mIoU {m['miou']:.3f}, SeK {m['sek']:.3f}, Fscd {m['fscd']:.3f}" if num_classes else "")
+
     return Recipe(
         [stage],
         sample=sampler.sample,
         loss=loss,
-        validate=lambda m: evaluate_patches(m, val, normalize, p["batch_size"], dev),
-        metric="iou",
-        describe=lambda m: f"F1 {m['f1']:.3f}, IoU {m['iou']:.3f}",
+        validate=lambda m: evaluate_patches(
+            m, val, normalize, p["batch_size"], dev, num_classes, p["choose_threshold"]
+        ),
+        metric="miou" if num_classes else "iou",
+        describe=describe,
         device=device,
         **loop_settings(p),
         seed=SEED,
