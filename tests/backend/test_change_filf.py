@@ -278,3 +278,33 @@ def test_nonsense_training_settings_are_refused_plainly() -> None:
         run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="x",
             **(FAST | {"patch_size": 80}))  # fmt: skip
     assert err.value.code == "INVALID_INPUT" and "multiple of 32" in err.value.message
+
+
+def tile_grid_amplitude(prob: np.ndarray, stride: int) -> float:
+    """How far the tile grid moves a probability map: its row and column means folded modulo the tile stride
+    (inner periods only) and averaged; the larger peak-to-peak of the two, in probability units. Content has no
+    reason to repeat every tile; seams, gaps or bands along the tile grid do."""
+    amplitude = 0.0
+    for profile in (prob.mean(axis=1), prob.mean(axis=0)):
+        periods = profile[: len(profile) // stride * stride].reshape(-1, stride)[1:-1]
+        folded = periods.mean(axis=0)
+        amplitude = max(amplitude, float(folded.max() - folded.min()))
+    return amplitude
+
+
+def test_detection_leaves_no_trace_of_the_tile_grid_on_a_real_scene(tmp_path: Path) -> None:
+    """The preview of issue 14 showed rows of gaps every tile: tiles butted without blending show such a
+    pattern here (the check can fail), blended tiles must not."""
+    before, after, label = levir("test_2_0000_0512")
+    run("change.finetune", before=str(before), after=str(after), labels=str(label), adapter_name="grid", **FAST)
+    scene_a, scene_b, _ = levir("test_1")
+    amplitude = {}
+    for name, tile, overlap in (("butted", 128, 0), ("blended", 160, 32)):  # both step by 128 pixels
+        _, result = run(
+            "change.detect", before=str(scene_a), after=str(scene_b), adapter="grid", out_dir=str(tmp_path / name),
+            tile_size=tile, overlap=overlap,
+        )  # fmt: skip
+        with rasterio.open(result.outputs[0].path) as src:
+            amplitude[name] = tile_grid_amplitude(src.read(1), 128)
+    assert amplitude["butted"] > 0.02, amplitude
+    assert amplitude["blended"] < 0.005, amplitude
