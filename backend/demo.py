@@ -1,7 +1,7 @@
 """`make demo`: learned vs classical change detection on bundled real LEVIR-CD data.
 
 Fine-tunes a FILF adapter (frozen MobileSAM TinyViT + BiTemporal LoRA + decoder) on five labelled
-256² LEVIR-CD pairs for a few CPU minutes, then runs `change.detect` with it and `change.cva` on the
+256² LEVIR-CD pairs for about six CPU minutes, then runs `change.detect` with it and `change.cva` on the
 held-out georeferenced 1024² pair through the real backend worker. Writes both sets of outputs
 (probability + mask GeoTIFFs, change polygons) and a preview PNG (before | after | CVA | FILF, change
 in red, reference outline in cyan) to --out-dir and prints F1 of both against the reference mask.
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir).resolve()
     # The demo's adapter goes to a library inside demo_out, not the user's own library.
     os.environ["RS_PEFT_QGIS_DATA_DIR"] = str(out_dir / "library")
-    trained = finetune_filf(out_dir, "a few CPU minutes")
+    trained = finetune_filf(out_dir, "about six CPU minutes on 2 cores")
     before, after, reference = (DATA / f"{args.pair}_{p}.tif" for p in ("A", "B", "label"))
     print(f"Detecting changes on the held-out LEVIR-CD pair {args.pair} (1024², Austin) through the backend worker")
     client = WorkerClient(sys.executable, ROOT)

@@ -8,6 +8,10 @@ three classes are learned. The encoder is the random tiny TinyViT (no checkpoint
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import fiona
@@ -15,7 +19,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import levir
+from conftest import ROOT, levir
 from rasterio.features import shapes
 from shapely.geometry import mapping, shape
 
@@ -156,6 +160,20 @@ def test_semantic_change_from_two_class_rasters(tmp_path: Path) -> None:
     with pytest.raises(JobError, match="two class rasters"):
         run("change.finetune", before=str(before), after=str(after), labels=str(paths[0]), mode="scd",
             adapter_name="x", **FAST)  # fmt: skip
+
+
+def test_semantic_change_from_the_command_line(tmp_path: Path) -> None:
+    before, after, label = levir("test_2_0000_0000")
+    polys = from_to_polygons(label, tmp_path / "from_to.gpkg")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items() if k != "allow_random_backbone"]
+    cmd = [sys.executable, "-m", "backend", "change.finetune", "--before", str(before), "--after", str(after)]
+    cmd += ["--labels", str(polys), "--mode", "scd", "--from-field", "was", "--to-field", "now"]
+    cmd += ["--adapter-name", "cli scd", "--allow-random-backbone", *options, "--json", "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)["metrics"]
+    assert {"val_miou", "val_sek", "val_fscd", "val_threshold"} <= set(metrics)
 
 
 def test_semantic_change_polygons_need_both_class_fields(tmp_path: Path) -> None:

@@ -542,7 +542,7 @@ def test_semantic_change_annotation_has_from_to_fields_and_trains_scd(dock, qgis
     assert (task.params["from_field"], task.params["to_field"]) == ("from_class", "to_class")
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
-    assert "val_miou" in task.outcome["result"]["metrics"]
+    assert "val_miou" in task.outcome["metrics"]
     layer.rollBack()
     QgsProject.instance().setFileName("")
 

@@ -47,8 +47,9 @@ from .outputs import CLASSES_OUTPUT, SemanticChangeOutputs
 from .training import normalization, normalizer, recipe
 
 METHOD = "filf"
-# change.detect's default tiling: tiles of 512 overlapping by 64 read 1.31x the scene's pixels where the
-# training patch's 256 with a quarter overlap read 1.78x (speed and held-out F1 of both in docs/BENCHMARKS.md).
+# change.detect's default tiling: tiles of up to 512 overlapping by 64, fitted to the scene (fitted_tile), read
+# about 1.3x the scene's pixels where the training patch's 256 with a quarter overlap read 1.78x (speed and
+# held-out F1 of both in docs/BENCHMARKS.md).
 DETECT_TILE, DETECT_OVERLAP = 512, 64
 ENCODER_SCALE = 1  # the paper's; 2 measured in docs/BENCHMARKS.md (FILF on the real encoder)
 
@@ -184,6 +185,16 @@ DETECT_PARAMS = (
 )
 
 
+def fitted_tile(size: int, largest: int, overlap: int = DETECT_OVERLAP) -> int:
+    """The tile (a multiple of 32 px, at most `largest`) with which the fewest tiles cover `size` pixels with
+    the least run-over: a 1024-pixel scene takes 3 tiles of 384, not 3 of 512 reaching 1408 pixels."""
+    if size <= largest:
+        return max(-(-size // 32) * 32, 64)
+    n = -(-(size - overlap) // (largest - overlap))  # the fewest tiles of `largest` that cover the scene
+    tile = -(-(size - overlap) // n) + overlap  # the smallest tile with which n tiles still cover it
+    return min(-(-tile // 32) * 32, largest)
+
+
 def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[str, str | None]) -> nn.Module:
     """FILF on `backbone`: official weights when its checkpoint path is known, else a seeded random init."""
     torch.manual_seed(RANDOM_BACKBONE_SEED)
@@ -275,9 +286,7 @@ def open_detect(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applic
 
     read = stack_reader((before, after), grid, aoi)
     channels = 1 + 2 * meta.config["num_seg"] if semantic else 1
-    # A scene smaller than the tile is one tile of its own size (rounded up to 32 px), not padded out to 512.
-    covering = -(-max(grid.width, grid.height) // 32) * 32
-    tile = min(max(DETECT_TILE, meta.config.get("patch_size", 256)), max(covering, 64))
+    tile = fitted_tile(max(grid.width, grid.height), max(DETECT_TILE, meta.config.get("patch_size", 256)))
     return Application(
         grid, read, predict, channels, sink, tile, "detecting changes", close=sources.close, overlap=DETECT_OVERLAP
     )
