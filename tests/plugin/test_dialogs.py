@@ -252,7 +252,7 @@ def test_installer_dialog_shows_the_plan_for_this_computer(qgis_app, tmp_path) -
     assert wait_until(lambda: bool(planned), timeout_milliseconds=60_000)
     assert planned == [True] and dialog.plan is not None, dialog.status_label.text()
     text = dialog.plan_text()
-    for expected in ("Target folder:", "Steps (5):", "pip install torch", dialog.plan.torch_spec, "Log file:"):
+    for expected in ("Target folder:", "Steps (6):", "pip install torch", dialog.plan.torch_spec, "Log file:"):
         assert expected in text, expected
     if installer.detect_cuda() is None:
         assert "NVIDIA graphics card: none found" in text and "processor-only build (CPU)" in text

@@ -140,8 +140,10 @@ def test_plan_commands(tmp_path: Path) -> None:
         [*pip, "--index-url", CU126, "torch==2.13.0"],
         [*pip, "-r", str(ROOT / "requirements" / "backend.txt")],
         [py, "-m", "backend", "info"],
+        [py, "-m", "backend", "models", "fetch", "mobile_sam"],
     ]
-    check = plan.steps()[-1]
+    check, download = plan.steps()[-2:]
+    assert download.optional and download.cwd == ROOT and not check.optional
     assert check.cwd == ROOT and check.env == {"PYTHONPATH": str(ROOT)}
     assert plan.steps()[2].label == "pip install torch"
     fresh = InstallPlan(base_python="/opt/py/bin/python3.12", venv=venv, fresh=True)
@@ -292,6 +294,16 @@ def test_a_failing_command_stops_the_run_and_leaves_no_marker(tmp_path: Path, ba
     assert not (venv / MARKER_NAME).exists() and not installer.is_installed(venv)
     assert venv_python(venv).is_file()  # the half-made venv is left in place
     assert plan.log_path.read_text().splitlines() == lines
+
+
+def test_a_failing_optional_step_is_reported_and_the_install_finishes(tmp_path: Path, base_python: str) -> None:
+    venv = tmp_path / "venv"
+    py = str(venv_python(venv))
+    fail = Step("download a model", [py, "-c", "import sys; sys.exit(4)"], optional=True)
+    plan = TinyPlan(base_python=base_python, venv=venv, log_path=tmp_path / "install.log", extra=[fail])
+    ok, lines = run_collecting(plan)
+    assert ok and installer.is_installed(venv)
+    assert "Step 2 of 2 (download a model) did not succeed; the backend works without it." in " ".join(lines)
 
 
 def test_a_missing_program_is_a_failed_step(tmp_path: Path, base_python: str) -> None:
