@@ -13,7 +13,7 @@ the activations one forward saves for the backward (counted with saved_tensors_h
 Goal: PEFT needs at most 50% of full fine-tuning's peak memory.
 
     python -m bench.change [--backbone mobile_sam] [--patch 256] [--batch 8] [--device auto|cpu|cuda]
-                           [--dtype fp32|bf16] [--steps 2] [--seconds 0] [--detect-batch 4]
+                           [--dtype fp32|bf16] [--steps 2] [--seconds 0] [--detect-batch 4] [--detect-tile N]
                            [--before A.tif --after B.tif]
 """
 
@@ -247,7 +247,7 @@ def run_child(kind: str, kwargs: dict[str, Any], env: dict[str, str] | None = No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="mobile_sam", choices=list(FILF.backbones))
-    parser.add_argument("--patch", type=int, default=256, help="training patch and detection tile size")
+    parser.add_argument("--patch", type=int, default=256, help="training patch size")
     parser.add_argument("--batch", type=int, default=8, help="training pairs per step")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -114,11 +114,12 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
     # The job takes one pair; several labelled pairs go through the same training core.
     result = train_and_save(FILF, ctx, p, training_on(areas, dtype, bands, p))
     random_backbone = any("randomly initialised" in w for w in ctx.warnings)
-    runs = [("cva", "change.cva", {})]
-    for tiling in args.detect_tilings:  # the first is the job's default when its tile and overlap are "auto"
+    runs = []
+    for i, tiling in enumerate(args.detect_tilings):  # "auto": the job's default tile or overlap
         tile, overlap = (None if v == "auto" else int(v) for v in tiling.split(":"))
         extra = {"adapter": f"eval-{group}", "tile_size": tile, "overlap": overlap}
-        runs.insert(len(runs) - 1, ("filf" if not runs[:-1] else f"filf@{tiling}", "change.detect", extra))
+        runs.append(("filf" if i == 0 else f"filf@{tiling}", "change.detect", extra))
+    runs.append(("cva", "change.cva", {}))
     totals = {method: np.zeros(4, np.int64) for method, _, _ in runs}
     seconds = dict.fromkeys(totals, 0.0)
     for name in held:

@@ -118,20 +118,11 @@ def _semantic_labels(
                 "Semantic change from rasters needs two class rasters: the date-1 classes and the date-2 classes.",
                 "Give the date-2 class raster as 'labels after', or use polygons with from/to class fields.",
             )
-        sub = grid if aoi is None else rasterize_labels(aoi, grid)[1]
-        if aoi is None:
-            _check_size(grid)
-        stack, known = [], np.ones((sub.height, sub.width), bool)
-        for path, what in ((labels, "date-1 class"), (semantic.labels_after, "date-2 class")):
-            with RasterSource(path, [1], grid=sub, resampling=Resampling.nearest, what=what) as src:
-                data, valid = src.read(Window(0, 0, sub.width, sub.height))
-            stack.append(np.clip(data[0], 0, IGNORE - 1).astype(np.uint8))
-            known &= valid
-        classes = np.stack(stack)
-        label = np.where(known, (classes > 0).any(0), IGNORE).astype(np.uint8)
-        if aoi is not None:
-            label = np.where(rasterize_labels(aoi, grid)[0] > 0, label, IGNORE).astype(np.uint8)
-        return label, classes, sub
+        data, known, sub = _read_label_rasters(
+            [(labels, "date-1 class"), (semantic.labels_after, "date-2 class")], grid, aoi
+        )
+        classes = np.clip(data, 0, IGNORE - 1).astype(np.uint8)
+        return np.where(known, (classes > 0).any(0), IGNORE).astype(np.uint8), classes, sub
     if not (semantic.from_field and semantic.to_field):
         raise JobError(
             INVALID_INPUT,
@@ -160,21 +151,30 @@ def _check_size(grid: Grid) -> None:
         )
 
 
-def _raster_labels(labels: str, grid: Grid, aoi) -> tuple[np.ndarray, Grid]:
+def _raster_labels(labels: str, grid: Grid, aoi: Polygons | None) -> tuple[np.ndarray, Grid]:
     """A change-mask raster (non-zero = change, nodata = unknown) on the grid, inside the AOI."""
-    sub = grid
-    inside = None
+    data, known, sub = _read_label_rasters([(labels, "label")], grid, aoi)
+    return np.where(known, data[0] > 0, IGNORE).astype(np.uint8), sub
+
+
+def _read_label_rasters(
+    rasters: list[tuple[str, str]], grid: Grid, aoi: Polygons | None
+) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """Band 1 of each (path, what) on the grid, inside the AOI (nearest neighbour): (n, H, W) values, where all
+    are known (valid in every raster and inside the AOI), and the grid they were read on."""
+    sub, known = grid, None
     if aoi is not None:
         inside, sub = rasterize_labels(aoi, grid)  # the AOI burned as 1 on its own sub-grid
-        inside = inside > 0
+        known = inside > 0
     else:
         _check_size(grid)
-    with RasterSource(labels, [1], grid=sub, resampling=Resampling.nearest, what="label") as src:
-        data, valid = src.read(Window(0, 0, sub.width, sub.height))
-    label = np.where(valid, (data[0] > 0).astype(np.uint8), IGNORE)
-    if inside is not None:
-        label = np.where(inside, label, IGNORE)
-    return label.astype(np.uint8), sub
+    stack = []
+    for path, what in rasters:
+        with RasterSource(path, [1], grid=sub, resampling=Resampling.nearest, what=what) as src:
+            data, valid = src.read(Window(0, 0, sub.width, sub.height))
+        stack.append(data[0])
+        known = valid if known is None else known & valid
+    return np.stack(stack), known, sub
 
 
 @dataclass

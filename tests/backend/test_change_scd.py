@@ -20,8 +20,9 @@ import pytest
 import rasterio
 import torch
 from conftest import ROOT, levir
-from rasterio.features import shapes
+from rasterio.features import rasterize, shapes
 from shapely.geometry import mapping, shape
+from test_change_filf import FAST, isolated_dirs  # noqa: F401 (the autouse fixture applies here too)
 
 from backend import adapters
 from backend.context import JobContext
@@ -31,21 +32,6 @@ from backend.jobs.base import run_job
 from backend.methods.filf.decoder import SCDOutput
 from backend.methods.filf.training import evaluate_patches, scd_loss
 from backend.protocol import JobError
-
-FAST = {
-    "backbone": "tiny_vit_tiny",
-    "allow_random_backbone": True,
-    "epochs": 2,
-    "steps_per_epoch": 2,
-    "batch_size": 2,
-    "patch_size": 64,
-}
-
-
-@pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RS_PEFT_QGIS_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("RS_PEFT_QGIS_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def run(job: str, **params):
@@ -120,11 +106,8 @@ def test_semantic_change_round_trip_on_a_real_pair(tmp_path: Path) -> None:
         ref_changed = src.read(1) > 0
     ref = np.zeros_like(classes)
     ref[0][ref_changed] = 1
-    with fiona.open(polys) as layer:
-        from rasterio.features import rasterize
-
-        with rasterio.open(label) as src:
-            now = rasterize(((f.geometry, f.properties["now"]) for f in layer), src.shape, transform=src.transform)
+    with fiona.open(polys) as layer, rasterio.open(label) as src:
+        now = rasterize(((f.geometry, f.properties["now"]) for f in layer), src.shape, transform=src.transform)
     ref[1] = np.where(ref_changed, now, 0)
     pred_changed = classes[0] > 0
     both = ref_changed & pred_changed

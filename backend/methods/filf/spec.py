@@ -225,7 +225,8 @@ def training_on(areas: list[TrainingArea], dtype: np.dtype, bands: list[int], p:
     norm = normalization(areas, p["backbone"], dtype)
     config = {"rank": p["rank"], "patch_size": p["patch_size"], "mode": p["mode"], "encoder_scale": p["encoder_scale"]}
     classes = ["no change", "change"]
-    if p["mode"] == "scd":
+    semantic = p["mode"] == "scd"
+    if semantic:
         top = max(int(a.classes.max()) for a in areas if a.classes is not None)
         if top < 1:
             raise JobError(
@@ -241,7 +242,7 @@ def training_on(areas: list[TrainingArea], dtype: np.dtype, bands: list[int], p:
         normalization=norm,
         grid=areas[0].grid,
         config=config,
-        recipe=lambda model, device: recipe(model, areas, norm, p, device),
+        recipe=lambda model, device: recipe(model, areas, norm, p, device, len(classes) - 1 if semantic else 0),
         classes=classes,
         areas=len(areas),
     )

@@ -71,12 +71,11 @@ def scd_loss(out: SCDOutput, label: torch.Tensor, classes: torch.Tensor) -> torc
     return bce + semantic + similarity
 
 
-def semantic_maps(out: SCDOutput, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(change probability, date-1 classes, date-2 classes), (B, H, W) each: the most likely class 1..K where
-    the change probability passes `threshold`, 0 elsewhere (class 0 never trains, see scd_loss)."""
+def semantic_maps(out: SCDOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(change probability, date-1 classes, date-2 classes), (B, H, W) each: the most likely class 1..K of each
+    date (class 0 never trains, see scd_loss); a threshold on the probability says where they apply."""
     prob = torch.sigmoid(out.change[:, 0].float())
-    mask = prob > threshold
-    c1, c2 = ((s[:, 1:].argmax(1) + 1) * mask for s in (out.sem1, out.sem2))
+    c1, c2 = (s[:, 1:].argmax(1) + 1 for s in (out.sem1, out.sem2))
     return prob, c1, c2
 
 
@@ -125,14 +124,16 @@ def evaluate_patches(
         known = y != IGNORE
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(x1, x2)
+        if num_classes:
+            prob, c1, c2 = (a.cpu().numpy() for a in semantic_maps(out))
+            ref = np.stack([c[3] for c in chunk])
+        else:
+            prob = torch.sigmoid(out[:, 1].float()).cpu().numpy()
         for t in thresholds:
+            changed = prob > t
+            binary[t].update(changed, y == 1, valid=known)
             if num_classes:
-                prob, c1, c2 = (a.cpu().numpy() for a in semantic_maps(out, t))
-                ref = np.stack([c[3] for c in chunk])
-                semantic[t].update(c1, c2, ref[:, 0], ref[:, 1], valid=known)
-            else:
-                prob = torch.sigmoid(out[:, 1].float()).cpu().numpy()
-            binary[t].update(prob > t, y == 1, valid=known)
+                semantic[t].update(c1 * changed, c2 * changed, ref[:, 0], ref[:, 1], valid=known)
     # Ties go to the threshold nearest 0.5.
     best = max(thresholds, key=lambda t: (binary[t].metrics()["f1"], -abs(t - 0.5)))
     scores = binary[best].metrics() | {"threshold": best}
@@ -142,11 +143,16 @@ def evaluate_patches(
 
 
 def recipe(
-    model: nn.Module, areas: list[TrainingArea], norm: dict[str, list[float]], p: dict[str, Any], device: str
+    model: nn.Module,
+    areas: list[TrainingArea],
+    norm: dict[str, list[float]],
+    p: dict[str, Any],
+    device: str,
+    num_classes: int = 0,
 ) -> Recipe:
     """FILF's recipe on labelled areas (`p`: change.finetune's parameters); one area is split by area,
-    several hold whole areas out for validation. Semantic change (mode scd) trains with the official SCD loss
-    and keeps the epoch with the best binary mIoU, as the official code does."""
+    several hold whole areas out for validation. Semantic change (`num_classes` land-cover classes) trains with
+    the official SCD loss and keeps the epoch with the best binary mIoU, as the official code does."""
     if p["checkpointing"] == "on" or (p["checkpointing"] == "auto" and device.startswith("cuda")):
         model.enable_activation_checkpointing()  # type: ignore[operator]
     patch, epochs = p["patch_size"], p["epochs"]
@@ -155,7 +161,6 @@ def recipe(
     val = [x for part in val_parts for x in val_patches(part, patch)]
     dev = torch.device(device)
     normalize = normalizer(norm, dev)
-    num_classes = model.decoder.semantic_head.classify.out_channels - 1 if p["mode"] == "scd" else 0  # type: ignore[union-attr]
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x1, x2, y, *classes = batch
