@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from backend.protocol import INVALID_INPUT, JobError
@@ -98,14 +100,73 @@ def _folder(name: str) -> Path:
 
 
 def read_meta(name: str) -> AdapterMeta:
-    raw = json.loads((_folder(name) / META).read_text(encoding="utf-8"))
-    known = {k: v for k, v in raw.items() if k in AdapterMeta.__dataclass_fields__}
-    return AdapterMeta(**known)
+    folder = _folder(name)
+    path = folder / META
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise damaged(path, f"it is not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise damaged(path, "it holds no JSON object")
+    missing = [k for k in ("method", "backbone", "checkpoint_sha256", "bands", "normalization") if k not in raw]
+    if missing:
+        raise damaged(path, f"it lacks {', '.join(missing)}")
+    meta = AdapterMeta(**{k: v for k, v in raw.items() if k in AdapterMeta.__dataclass_fields__})
+    problem = _meta_problem(meta)
+    if problem:
+        raise damaged(path, problem)
+    meta.name = folder.name  # the folder is the name the analyst sees and picks
+    return meta
+
+
+def damaged(path: Path, problem: str) -> JobError:
+    return JobError(
+        INVALID_INPUT,
+        f"The adapter file {path} is damaged: {problem}.",
+        "Delete this adapter and fine-tune it again, or restore the folder from a backup.",
+    )
+
+
+def _finite_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    )
+
+
+def _meta_problem(meta: AdapterMeta) -> str:
+    """What is wrong with an adapter.json's values, or "" (types, ranges: a hand-edited file)."""
+    if not isinstance(meta.method, str) or not isinstance(meta.backbone, str):
+        return "method and backbone must be text"
+    if meta.checkpoint_sha256 is not None and not isinstance(meta.checkpoint_sha256, str):
+        return "checkpoint_sha256 must be text or null"
+    if not isinstance(meta.bands, list) or not meta.bands:
+        return "bands must be a list of band numbers"
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in meta.bands):
+        return "bands must be whole numbers from 1"
+    norm = meta.normalization
+    if not isinstance(norm, dict) or not all(_finite_list(v) for v in norm.values()):
+        return "normalization must map names to lists of finite numbers"
+    if any(min(v) <= 0 for k, v in norm.items() if "std" in k or "scale" in k):
+        return "a normalization std or scale is zero or negative (it would divide by zero)"
+    for key, kind in (("classes", list), ("metrics", dict), ("config", dict)):
+        if not isinstance(getattr(meta, key), kind):
+            return f"{key} must be a {'list' if kind is list else 'JSON object'}"
+    if meta.training_area is not None and not isinstance(meta.training_area, dict):
+        return "training_area must be a JSON object or null"
+    if not isinstance(meta.format_version, int) or meta.format_version > FORMAT_VERSION:
+        return f"its format version {meta.format_version!r} is not one this version reads ({FORMAT_VERSION})"
+    return ""
 
 
 def load(name: str) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
-    folder = _folder(name)
-    return load_file(str(folder / WEIGHTS)), read_meta(name)
+    meta = read_meta(name)
+    path = _folder(name) / WEIGHTS
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as exc:  # a truncated file, or not safetensors at all
+        raise damaged(path, f"its tensors cannot be read ({str(exc)[:120]})") from None
 
 
 def list_adapters() -> list[dict[str, Any]]:
@@ -116,8 +177,8 @@ def list_adapters() -> list[dict[str, Any]]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
             meta = read_meta(folder.name)
-        except (JobError, json.JSONDecodeError, TypeError):
-            continue  # an unreadable folder is not an adapter; never let it break the list
+        except JobError:
+            continue  # a damaged folder is not an adapter; never let it break the list
         out.append({**asdict(meta), "size_bytes": (folder / WEIGHTS).stat().st_size, "path": str(folder)})
     return out
 

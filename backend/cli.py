@@ -90,10 +90,14 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     bar = ProgressBar(args.quiet)
-    ctx = JobContext(
-        on_progress=bar,
-        on_log=lambda level, msg, data=None: print(f"{level}: {msg}", file=sys.stderr) if level == "warning" else None,
-    )
+    shown: set[str] = set()
+
+    def show_warning(level: str, msg: str, data: object = None) -> None:
+        if level == "warning" and msg not in shown:
+            shown.add(msg)
+            print(f"warning: {msg}", file=sys.stderr)
+
+    ctx = JobContext(on_progress=bar, on_log=show_warning)
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -120,6 +124,8 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
     if "error" in box:
         return report_error(box["error"], args.debug)
     result = box["result"]
+    for w in result.warnings:  # those a job collected without logging them as they happened
+        show_warning("warning", w)
     if args.json:
         print(json.dumps(result.to_dict(), allow_nan=False))
     else:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.protocol import INVALID_INPUT, OUTPUT_ERROR, PROGRESS_MAX_RATE_HZ, JobError
+from backend.protocol import INVALID_INPUT, PROGRESS_MAX_RATE_HZ, JobError
 
 log = logging.getLogger("backend")
 
@@ -40,6 +40,7 @@ class JobContext:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     warnings: list[str] = field(default_factory=list)
     inputs: set[Path] = field(default_factory=set)
+    out_dir: Path | None = None  # set by prepare_out_dir(); every output must lie directly in it
     _pending: list[tuple[Path, Path]] = field(default_factory=list)
     _last_progress: float = 0.0
 
@@ -77,8 +78,20 @@ class JobContext:
         """Remember input files so that no output can ever replace one."""
         self.inputs.update(Path(p).resolve() for p in paths if p)
 
+    def prepare_out_dir(self, out_dir: str) -> Path:
+        """Create the output folder and check it is writable; outputs are then confined to it."""
+        self.out_dir = prepare_out_dir(out_dir)
+        return self.out_dir
+
     def output_path(self, final: Path) -> Path:
         """A temporary path to write output `final` to; it is renamed to `final` when the job commits."""
+        # Names are checked where they are given (params.check_file_name); this is the guarantee behind it.
+        if self.out_dir is None or final.parent.resolve() != self.out_dir or final.name in ("", ".", ".."):
+            raise JobError(
+                INVALID_INPUT,
+                f"The output {final} is not inside the output folder {self.out_dir}.",
+                "Use an output name without folders in it.",
+            )
         if final.resolve() in self.inputs:
             raise JobError(
                 INVALID_INPUT,
@@ -102,16 +115,18 @@ class JobContext:
 
 
 def prepare_out_dir(out_dir: str) -> Path:
-    """Create the output folder (and its parents) and check that it is writable."""
+    """Create the output folder (and its parents) and check that it is writable; bad input otherwise."""
     path = Path(out_dir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise JobError(INVALID_INPUT, f"The output folder {path} is a file.", "Choose a folder.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise JobError(
-            OUTPUT_ERROR,
+            INVALID_INPUT,
             f"Cannot create the output folder {path}: {exc.strerror}.",
             "Choose a folder you can write to.",
         ) from None
     if not os.access(path, os.W_OK):
-        raise JobError(OUTPUT_ERROR, f"The output folder {path} is not writable.", "Choose a folder you can write to.")
+        raise JobError(INVALID_INPUT, f"The output folder {path} is not writable.", "Choose a folder you can write to.")
     return path

@@ -60,6 +60,7 @@ class Param:
     prominent: bool = False  # an optional setting shown next to the inputs, not under "Advanced"
     editable: bool = False  # `choices` are suggestions: other values pass (checked by the job)
     why: str = ""  # the reason for the range, said when a value is refused
+    file_name: bool = False  # the value becomes part of an output file name (check_file_name)
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -93,7 +94,29 @@ class Param:
                 raise ValueError(f"{self.label} must be at least {_num(self.minimum)}{why} (given: {v}).")
             if self.maximum is not None and v > self.maximum:
                 raise ValueError(f"{self.label} must be at most {_num(self.maximum)}{why} (given: {v}).")
+        if self.file_name:
+            check_file_name(self, v)
         return v
+
+
+MAX_NAME = 100  # leaves room for suffixes such as `_change_probability.tif` under the usual 255-byte limit
+
+
+def check_file_name(p: Param, name: str) -> None:
+    """A name that stays one file in the output folder: no folders, no `..`, no hidden or control characters."""
+    bad = next((c for c in name if c in '/\\:*?"<>|' or ord(c) < 32), None)
+    if bad is not None:
+        problem = f"contain {bad!r}"
+    elif not name.strip():
+        problem = "be empty"
+    elif name.startswith("."):
+        problem = "start with a dot"
+    else:
+        problem = ""
+    if problem:
+        raise ValueError(f"{p.label} is used in file names, so it cannot {problem}: use letters, digits, '-' or '_'.")
+    if len(name.encode("utf-8")) > MAX_NAME:
+        raise ValueError(f"{p.label} must be at most {MAX_NAME} bytes long (given: {len(name.encode('utf-8'))}).")
 
 
 def _num(x: float) -> str:
@@ -137,7 +160,7 @@ AOI = Param(
     "Polygon layer: only the area inside it is processed (default: all).",
     kind="polygons",
 )
-NAME = Param("name", str, "Prefix of the output file names.", group="output")
+NAME = Param("name", str, "Prefix of the output file names.", group="output", file_name=True)
 REFERENCE = Param("reference", str, "Optional reference to score the result against.", kind="raster")
 
 # The two dates of a change pair.

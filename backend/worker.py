@@ -7,7 +7,6 @@ the log instead of corrupting the pipe.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -16,7 +15,7 @@ import traceback
 from collections import deque
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from backend import adapters, weights
 from backend import protocol as P
@@ -62,30 +61,40 @@ class Worker:
 
     # --- pipe -------------------------------------------------------------------------------
     def send(self, msg: dict[str, Any]) -> None:
-        line = P.encode(msg)
+        line = P.encode_safe(msg)
         with self._out_lock:
             self._out.write(line)
             self._out.flush()
 
-    def serve(self, inp: TextIO) -> None:
-        for line in inp:
+    def serve(self, inp: BinaryIO | TextIO) -> None:
+        """Answer requests line by line until shutdown or end of input; no line can end the loop."""
+        while not self._stopping:
+            line = inp.readline(P.MAX_LINE_BYTES + 1)
+            if not line:
+                break
+            if len(line) > P.MAX_LINE_BYTES:  # skip the rest of an over-long line without holding it
+                while line and not line.endswith(b"\n" if isinstance(line, bytes) else "\n"):
+                    line = inp.readline(P.MAX_LINE_BYTES)
+                self.send(P.BadMessage(P.INVALID_REQUEST, "Invalid request: line too long").response())
+                continue
             if line.strip():
                 self.handle_line(line)
-            if self._stopping:
-                break
         self.stop()
 
-    def handle_line(self, line: str) -> None:
+    def handle_line(self, line: bytes | str) -> None:
+        msg_id = None
         try:
-            msg = json.loads(line)
-        except json.JSONDecodeError as exc:
-            self.send(P.error_response(None, P.PARSE_ERROR, f"Parse error: {exc.msg}"))
-            return
-        if not isinstance(msg, dict) or msg.get("jsonrpc") != P.JSONRPC or not isinstance(msg.get("method"), str):
-            msg_id = msg.get("id") if isinstance(msg, dict) else None
-            self.send(P.error_response(msg_id, P.INVALID_REQUEST, "Invalid request: expected a JSON-RPC 2.0 object"))
-            return
-        msg_id, params = msg.get("id"), msg.get("params") or {}
+            msg = P.decode_request(line)
+            msg_id = msg.get("id")
+            self._dispatch(msg)
+        except P.BadMessage as bad:
+            self.send(bad.response())
+        except Exception as exc:  # the last resort: a request must never kill the loop
+            log.exception("request failed")
+            self.send(P.error_response(msg_id, P.INTERNAL_RPC_ERROR, f"Internal error: {type(exc).__name__}"))
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        msg_id, params = msg.get("id"), msg.get("params", {})
         handler = {
             P.INITIALIZE: self._initialize,
             P.JOB_START: self._job_start,
@@ -97,10 +106,7 @@ class Worker:
             P.SHUTDOWN: self._shutdown,
         }.get(msg["method"])
         if handler is None:
-            self.send(P.error_response(msg_id, P.METHOD_NOT_FOUND, f"Method not found: {msg['method']}"))
-            return
-        if not isinstance(params, dict):
-            self.send(P.error_response(msg_id, P.INVALID_PARAMS, "params must be an object"))
+            self.send(P.error_response(msg_id, P.METHOD_NOT_FOUND, f"Method not found: {msg['method'][:100]}"))
             return
         try:
             result = handler(params)
@@ -109,10 +115,6 @@ class Worker:
             return
         except ValueError as exc:
             self.send(P.error_response(msg_id, P.INVALID_PARAMS, str(exc)))
-            return
-        except Exception as exc:  # a broken request must never kill the loop
-            log.exception("request %s failed", msg["method"])
-            self.send(P.error_response(msg_id, P.INTERNAL_RPC_ERROR, f"{type(exc).__name__}: {exc}"))
             return
         if msg_id is not None:
             self.send(P.response(msg_id, result))
@@ -238,7 +240,7 @@ def main() -> int:
     out = claim_stdout()
     worker = Worker(out, setup_logging())
     log.info("worker started (pid %d)", os.getpid())
-    worker.serve(sys.stdin)
+    worker.serve(sys.stdin.buffer)  # bytes: a line that is not UTF-8 is answered, not fatal
     return 0
 
 

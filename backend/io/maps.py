@@ -21,7 +21,7 @@ from backend.io.raster import Grid, RasterSource
 from backend.io.rasterize import PolygonBurner
 from backend.io.vectorize import vectorize
 from backend.io.writer import GeoTiffWriter
-from backend.metrics.change import BinaryConfusion
+from backend.metrics.change import BinaryConfusion, too_few_scored
 from backend.params import OutputDecl
 from backend.protocol import JobResult, Output
 
@@ -162,7 +162,11 @@ class MapOutputs:
             metrics[f"{m}_area_m2"] = self.changed * pixel_area * g.crs.linear_units_factor[1] ** 2
         if self.ref is not None:
             c = self.confusion
-            metrics.update(self.confusion.metrics(), tp=c.tp, fp=c.fp, fn=c.fn, tn=c.tn)
+            few = too_few_scored(c.tp + c.fp + c.fn + c.tn, self.valid_px)
+            if few:  # the maps stand; only the scores would mislead
+                self.ctx.warn(f"{few}, so no scores are given. Check that the reference covers the result.")
+            else:
+                metrics.update(self.confusion.metrics(), tp=c.tp, fp=c.fp, fn=c.fn, tn=c.tn)
         w, n = self.style.word, self.name
         outputs = [
             Output(str(self.finals[0]), "raster", f"{n} {w} probability", f"{w}_probability.qml", "probability"),

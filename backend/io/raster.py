@@ -233,13 +233,28 @@ class RasterSource:
         self.close()
 
 
-def require_same_band_count(before: RasterSource, after: RasterSource) -> None:
+def require_same_band_count(before: RasterSource, after: RasterSource, warnings: list[str] | None = None) -> None:
+    """Both dates compare the same number of bands; a band one of them leaves out (its alpha band) is said."""
     if before.count != after.count:
         raise JobError(
             INVALID_INPUT,
             f"The before raster has {before.count} band(s) to compare but the after raster has {after.count}.",
             "Choose the same bands of both rasters (bands parameter).",
         )
+    if warnings is None or before.ds.count == after.ds.count:
+        return
+    for name, src in (("before", before), ("after", after)):
+        left_out = [b for b in range(1, src.ds.count + 1) if b not in src.bands]
+        if left_out:
+            alpha = all(src.ds.colorinterp[b - 1] == ColorInterp.alpha for b in left_out)
+            why = (
+                "is marked as alpha (transparency), so it only masks nodata" if alpha else "is not among the bands used"
+            )
+            other = after if src is before else before
+            warnings.append(
+                f"The {name} raster has {src.ds.count} bands and the other {other.ds.count}: "
+                f"band {', '.join(map(str, left_out))} {why} and is not compared."
+            )
 
 
 def overlap_grid(ref: Grid, other: Grid, names: tuple[str, str] = ("first", "second")) -> Grid:

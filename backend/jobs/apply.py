@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from backend import adapters
-from backend.context import JobContext, prepare_out_dir
+from backend.context import JobContext
 from backend.io.tiling import TileSpec, run_tiled
 from backend.jobs.base import JobSpec
 from backend.jobs.checkpoints import loaded_model, training_checkpoint
@@ -90,7 +90,7 @@ def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, 
 def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
     started = time.monotonic()
     ctx.protect_inputs(*input_paths(declared, p))
-    out_dir = prepare_out_dir(p["out_dir"])
+    out_dir = ctx.prepare_out_dir(p["out_dir"])
     device = torch.device(resolve_device(p["device"]))
     state, meta = adapters.load(p["adapter"])
     if meta.method != method.name:

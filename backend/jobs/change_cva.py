@@ -15,7 +15,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from backend.context import JobContext, prepare_out_dir
+from backend.context import JobContext
 from backend.io.maps import CHANGE, MapOutputs, stack_reader
 from backend.io.raster import Grid, RasterSource, overlap_grid, require_same_band_count
 from backend.io.rasterize import restrict_to_aoi
@@ -70,7 +70,7 @@ PARAMS = (
 
 def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     ctx.protect_inputs(p["before"], p["after"], p["reference"])
-    out_dir = prepare_out_dir(p["out_dir"])
+    out_dir = ctx.prepare_out_dir(p["out_dir"])
     radius = smoothing_radius(p["smooth"])
     try:
         spec = TileSpec(p["tile_size"], max(p["overlap"], 2 * radius + 2), p["batch_size"], margin=radius)
@@ -81,7 +81,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         RasterSource(p["before"], p["bands"], what="before") as probe_b,
         RasterSource(p["after"], p["bands"], what="after") as probe_a,
     ):
-        require_same_band_count(probe_b, probe_a)
+        require_same_band_count(probe_b, probe_a, ctx.warnings)
         grid = overlap_grid(probe_b.native, probe_a.native, ("before", "after"))
     aoi = None
     if p["aoi"]:

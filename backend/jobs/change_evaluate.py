@@ -29,7 +29,7 @@ from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid
 from backend.io.rasterize import PolygonBurner, read_polygons, restrict_to_aoi
 from backend.io.tiling import block_windows
 from backend.jobs.base import JobSpec
-from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
+from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion, too_few_scored
 from backend.params import Param
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
@@ -85,8 +85,9 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     _check_params(ctx, p, scd)
     bands = [1, 2] if scd else [1]
     with RasterSource(p["prediction"], what="prediction") as probe:
-        _check_band_count(probe, len(bands), "prediction")
+        _check_band_count(probe, len(bands), "prediction", exact=True)
         grid = probe.native
+    predicted_px = grid.width * grid.height
     ref_is_raster = is_raster(p["reference"], "reference")
     if ref_is_raster:
         with RasterSource(p["reference"], what="reference") as probe:
@@ -109,6 +110,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         SemanticChangeConfusion(p["num_classes"]) if scd else BinaryConfusion()
     )
     scored = 0
+    values: set[float] = set()  # a change mask holds two values; an image given by mistake holds many
     pred = RasterSource(p["prediction"], bands, grid=grid, resampling=Resampling.nearest, what="prediction")
     ref = (
         RasterSource(p["reference"], bands, grid=grid, resampling=Resampling.nearest, what="reference")
@@ -132,6 +134,15 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
                         INVALID_INPUT, str(exc), "Set num_classes to the number of land-cover classes."
                     ) from None
             else:
+                if len(values) <= 2:
+                    values.update(np.unique(pv[0][valid])[:3].tolist())
+                if len(values) > 2:
+                    shown = ", ".join(f"{v:g}" for v in sorted(values)[:3])
+                    raise JobError(
+                        INVALID_INPUT,
+                        f"The prediction holds more than two values ({shown} …), so it is not a change mask.",
+                        "Choose the change mask a detection wrote (1 = change, 0 = no change), not an image.",
+                    )
                 conf.update(pv[0] != 0, rv[0] != 0, valid)
             scored += int(np.count_nonzero(valid))
             ctx.progress((i + 1) / len(wins), "scoring", f"block {i + 1}/{len(wins)}")
@@ -146,6 +157,12 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
             + (" inside the area of interest." if aoi is not None else "."),
             "Check the nodata values of both layers and that they cover the same area.",
         )
+    few = too_few_scored(scored, predicted_px)
+    if few:
+        raise JobError(INVALID_INPUT, f"{few}.", "Check that the reference covers the prediction.")
+    if aoi is None and grid.width * grid.height < predicted_px / 2:
+        share = grid.width * grid.height / predicted_px
+        ctx.warn(f"The reference covers only {share:.0%} of the prediction: the scores describe that part only.")
     metrics: dict[str, Any] = conf.metrics()
     if isinstance(conf, BinaryConfusion):
         metrics |= {"tp": conf.tp, "fp": conf.fp, "fn": conf.fn, "tn": conf.tn}
@@ -167,13 +184,20 @@ def _check_params(ctx: JobContext, p: dict[str, Any], scd: bool) -> None:
         ctx.warn("num_classes, from_field and to_field only apply to mode scd; they are ignored.")
 
 
-def _check_band_count(src: RasterSource, needed: int, what: str) -> None:
+def _check_band_count(src: RasterSource, needed: int, what: str, exact: bool = False) -> None:
     if src.count < needed:
         raise JobError(
             INVALID_INPUT,
             f"The {what} raster has {src.count} band(s), but semantic change needs {needed}: "
             "the class at date 1 in band 1 and the class at date 2 in band 2.",
             "Use a 2-band from/to class raster, or mode bcd for a change mask.",
+        )
+    if exact and src.count > needed:
+        kind = "a change mask has one (1 = change, 0 = no change)" if needed == 1 else "a from/to class raster has 2"
+        raise JobError(
+            INVALID_INPUT,
+            f"The {what} raster has {src.count} bands, but {kind}: is it an image rather than a change map?",
+            "Choose the change mask (or, for semantic change, the change classes raster) a detection wrote.",
         )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from backend.context import JobContext, prepare_out_dir
+from backend.context import JobContext
 from backend.io.pairs import FusedImage, fill_nearest, grid_offset, open_pair, read_padded
 from backend.io.raster import RasterSource
 from backend.io.rasterize import restrict_to_aoi
@@ -76,7 +76,7 @@ PARAMS = (
 def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     started = time.monotonic()
     ctx.protect_inputs(p["pan"], p["ms"])
-    out_dir = prepare_out_dir(p["out_dir"])
+    out_dir = ctx.prepare_out_dir(p["out_dir"])
     pair = open_pair(p["pan"], p["ms"], p["ms_bands"], p["ratio"], ctx.warn)
     r, method = pair.ratio, p["method"]
     gains = sensor_gains(p["sensor"], pair.bands)

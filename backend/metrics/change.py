@@ -7,6 +7,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Fewer scored pixels than this (a 10 × 10 patch), out of a larger result, give scores that mean nothing.
+MIN_SCORED_PIXELS = 100
+
+
+def too_few_scored(scored: int, total: int) -> str:
+    """A plain sentence when `scored` of `total` result pixels are too few to score, else "".
+
+    A small result scored whole (a hand-made test raster) is fine; a few pixels of a large one are not.
+    """
+    if scored >= MIN_SCORED_PIXELS or scored * 2 >= total:
+        return ""
+    return (
+        f"Only {scored} of the result's {total} pixels lie in both the result and the reference "
+        f"(at least {MIN_SCORED_PIXELS} are needed for meaningful scores)"
+    )
+
 
 @dataclass
 class BinaryConfusion:

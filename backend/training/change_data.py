@@ -64,7 +64,7 @@ def load_training_area(
     date-1 and date-2 class rasters) and a pixel is changed where either class is set.
     """
     with RasterSource(before, bands, what="before") as b0, RasterSource(after, bands, what="after") as a0:
-        require_same_band_count(b0, a0)
+        require_same_band_count(b0, a0, warnings)
         grid = overlap_grid(b0.native, a0.native, ("before", "after"))
     aoi_polys = read_polygons(aoi, grid.crs, what="area of interest", warnings=warnings) if aoi else None
     classes = None

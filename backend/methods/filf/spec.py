@@ -16,7 +16,7 @@ from backend import adapters
 from backend.adapters import AdapterMeta
 from backend.context import JobContext
 from backend.io.maps import CHANGE, MapOutputs, stack_reader
-from backend.io.raster import RasterSource, overlap_grid
+from backend.io.raster import RasterSource, overlap_grid, require_same_band_count
 from backend.io.rasterize import restrict_to_aoi
 from backend.methods.spec import RANDOM_BACKBONE_SEED, Application, MethodSpec, Training, register
 from backend.models.backbones.loading import read_checkpoint
@@ -254,6 +254,7 @@ def open_detect(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applic
         RasterSource(p["after"], meta.bands, what="after") as a0,
     ):
         adapters.check_compatible(meta, METHOD, p["backbone"] or meta.backbone, b0.count)
+        require_same_band_count(b0, a0, ctx.warnings)
         grid = overlap_grid(b0.native, a0.native, ("before", "after"))
     aoi = None
     if p["aoi"]:
