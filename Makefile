@@ -90,18 +90,27 @@ test-plugin:
 
 # A real QGIS window under Xvfb with the packaged plugin enabled (fresh profile and backend folders): the
 # analyst's round trip through the panel, a screenshot per step in build/desktop/, checks on its record.
+# WALK_ADAPTER (an adapter folder) switches the walkthrough to the real encoder in the user's model cache
+# and makes its last step detect with that adapter (see tests/desktop/walkthrough.py).
 DESKTOP := $(CURDIR)/build/desktop
+WALK_ADAPTER ?=
 test-desktop: package
-	rm -rf build/qgis-profile $(DESKTOP) && mkdir -p build/qgis-profile/profiles/default/QGIS $(DESKTOP)
+	rm -rf build/qgis-profile $(DESKTOP) && mkdir -p build/qgis-profile/profiles/default/QGIS $(DESKTOP)/data/adapters
 	printf '[PythonPlugins]\nrs_peft_qgis=true\n[qgis]\ncheckVersion=false\n' > build/qgis-profile/profiles/default/QGIS/QGIS3.ini
+	$(if $(WALK_ADAPTER),cp -r $(WALK_ADAPTER) $(DESKTOP)/data/adapters/)
 	env -u QT_QPA_PLATFORM QGIS_PLUGINPATH=$(CURDIR)/build/package WALK_OUT=$(DESKTOP) WALK_DATA=$(CURDIR)/tests/data/levir_cd \
-	  RS_PEFT_QGIS_DATA_DIR=$(DESKTOP)/data RS_PEFT_QGIS_CACHE_DIR=$(DESKTOP)/cache RS_PEFT_QGIS_LOG_DIR=$(DESKTOP)/logs \
-	  timeout 600 xvfb-run -a -s "-screen 0 1600x1000x24" \
+	  $(if $(WALK_ADAPTER),WALK_APPLY_ADAPTER=$(notdir $(WALK_ADAPTER)),RS_PEFT_QGIS_CACHE_DIR=$(DESKTOP)/cache) \
+	  RS_PEFT_QGIS_DATA_DIR=$(DESKTOP)/data RS_PEFT_QGIS_LOG_DIR=$(DESKTOP)/logs \
+	  timeout 900 xvfb-run -a -s "-screen 0 1600x1000x24" \
 	  qgis --nologo --noversioncheck --profiles-path $(CURDIR)/build/qgis-profile --code $(CURDIR)/tests/desktop/walkthrough.py
 	/usr/bin/python3 tests/desktop/check_walkthrough.py $(DESKTOP)
 
-# The user guide's screenshots come from the real window of the desktop test.
-screenshots: test-desktop
+# The user guide's screenshots: the desktop walkthrough on the real MobileSAM encoder, its last step with the
+# adapter `make demo` trained (demo_out is reused when it already holds it).
+DEMO_ADAPTER := demo_out/library/adapters/demo-levir-filf
+screenshots:
+	[ -f $(DEMO_ADAPTER)/adapter.json ] || $(MAKE) demo
+	$(MAKE) test-desktop WALK_ADAPTER=$(CURDIR)/$(DEMO_ADAPTER)
 	mkdir -p docs/img
 	for f in $(DESKTOP)/0*.png; do convert "$$f" -resize 1400x -quality 82 docs/img/$$(basename "$${f%.png}").jpg; done
 

@@ -16,17 +16,17 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
+from backend.context import data_dir
 from backend.protocol import INVALID_INPUT, JobError
 
 WEIGHTS = "adapter.safetensors"
 META = "adapter.json"
 FORMAT_VERSION = 1
+
+if TYPE_CHECKING:  # torch loads with the first job, not to list the library
+    import torch
 
 
 @dataclass
@@ -49,12 +49,9 @@ class AdapterMeta:
 
 def library_dir() -> Path:
     """RS_PEFT_QGIS_ADAPTER_DIR if set (QGIS's settings), else `adapters` in the data folder."""
-    import platformdirs
-
     if os.environ.get("RS_PEFT_QGIS_ADAPTER_DIR"):
         return Path(os.environ["RS_PEFT_QGIS_ADAPTER_DIR"])
-    base = os.environ.get("RS_PEFT_QGIS_DATA_DIR") or platformdirs.user_data_dir("rs-peft-qgis", appauthor=False)
-    return Path(base) / "adapters"
+    return data_dir() / "adapters"
 
 
 def sanitize(name: str) -> str:
@@ -69,6 +66,8 @@ def sanitize(name: str) -> str:
 
 def save(name: str, tensors: dict[str, torch.Tensor], meta: AdapterMeta, overwrite: bool = False) -> Path:
     """Store an adapter; refuses to replace an existing one unless `overwrite`."""
+    from safetensors.torch import save_file
+
     safe = sanitize(name)
     root = library_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -161,6 +160,9 @@ def _meta_problem(meta: AdapterMeta) -> str:
 
 
 def load(name: str) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     meta = read_meta(name)
     path = _folder(name) / WEIGHTS
     try:

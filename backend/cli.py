@@ -2,6 +2,9 @@
 
 Flags are the worker's `job.start` parameter names in kebab case. Exit codes: 0 success,
 2 bad input, 1 anything else (cancel included).
+
+The parser is built from the job catalog file (backend/declared.py), so `--help`, `models list` and
+`adapters list` never import torch or a job module; a job's own modules load only when it runs.
 """
 
 from __future__ import annotations
@@ -16,10 +19,8 @@ import time
 import traceback
 from typing import Any
 
+from backend import declared
 from backend import protocol as P
-from backend.context import JobContext
-from backend.jobs import JOBS
-from backend.jobs.base import JobSpec, run_job, to_job_error
 
 BAD_INPUT_CODES = {P.INVALID_INPUT, P.MISSING_WEIGHTS}
 
@@ -62,33 +63,37 @@ def build_parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("catalog", help="print every job's parameters and outputs as JSON (what QGIS builds on)")
     cat.add_argument("--write", metavar="PATH", help="write it to a file instead (resources/jobs.json)")
     add_manage_commands(sub)
-    for spec in JOBS.values():
-        jp = sub.add_parser(spec.name, help=spec.summary, description=spec.summary)
-        for p in spec.params:
-            kwargs: dict[str, Any] = {
-                "help": p.help + ("" if p.default is None else f" (default: {p.default})"),
-                "dest": p.name,
-            }
-            if p.type is bool:
+    for name, job in declared.jobs().items():
+        jp = sub.add_parser(name, help=job["summary"], description=job["summary"])
+        for p in job["params"]:
+            default = "" if p["default"] is None else f" (default: {p['default']})"
+            kwargs: dict[str, Any] = {"help": p["help"] + default, "dest": p["name"]}
+            if p["type"] == "bool":
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["metavar"] = p.name.upper()
-            if p.choices and not p.editable:
-                kwargs["choices"] = p.choices
-            jp.add_argument(p.flag, required=p.required, **kwargs)
+                kwargs["metavar"] = p["name"].upper()
+            if p["choices"] and not p["editable"]:
+                kwargs["choices"] = [str(c) for c in p["choices"]]
+            jp.add_argument("--" + p["name"].replace("_", "-"), required=p["required"], **kwargs)
         jp.add_argument("--json", action="store_true", help="print the result (outputs, metrics) as one JSON object")
         jp.add_argument("--quiet", action="store_true", help="no progress bar")
         jp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
 
-def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
+def run_cli_job(name: str, args: argparse.Namespace) -> int:
+    from backend.context import JobContext, clean_stale_partials
+    from backend.jobs import JOBS
+    from backend.jobs.base import run_job
+
+    spec = JOBS[name]
     raw = {p.name: getattr(args, p.name) for p in spec.params if getattr(args, p.name) is not None}
     try:
         params = spec.validate(raw)
     except ValueError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
+    clean_stale_partials()  # of a job killed earlier (as the worker does when it starts)
     bar = ProgressBar(args.quiet)
     shown: set[str] = set()
 
@@ -96,6 +101,8 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
         if level == "warning" and msg not in shown:
             shown.add(msg)
             print(f"warning: {msg}", file=sys.stderr)
+        elif level == "estimate" and not args.quiet:  # the job's size, before the long part starts
+            print(msg, file=sys.stderr)
 
     ctx = JobContext(on_progress=bar, on_log=show_warning)
     box: dict[str, Any] = {}
@@ -138,6 +145,8 @@ def run_cli_job(spec: JobSpec, args: argparse.Namespace) -> int:
 
 def report_error(exc: BaseException, debug: bool) -> int:
     """The worker's plain-language message and hint on stderr (traceback only with --debug); the exit code."""
+    from backend.context import to_job_error
+
     err = to_job_error(exc)
     if debug:
         traceback.print_exception(exc)
@@ -277,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker_main()
     start = time.monotonic()
-    code = run_cli_job(JOBS[args.command], args)
+    code = run_cli_job(args.command, args)
     if code == 0 and not args.json and not args.quiet:
         print(f"done in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return code

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -12,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backend.protocol import INVALID_INPUT, PROGRESS_MAX_RATE_HZ, JobError
+from backend.protocol import (
+    CANCELLED,
+    INTERNAL,
+    INVALID_INPUT,
+    OUT_OF_MEMORY,
+    OUTPUT_ERROR,
+    PROGRESS_MAX_RATE_HZ,
+    JobError,
+)
 
 log = logging.getLogger("backend")
 
@@ -42,6 +53,7 @@ class JobContext:
     inputs: set[Path] = field(default_factory=set)
     out_dir: Path | None = None  # set by prepare_out_dir(); every output must lie directly in it
     _pending: list[tuple[Path, Path]] = field(default_factory=list)
+    _created: list[Path] = field(default_factory=list)
     _last_progress: float = 0.0
 
     # --- cancellation -------------------------------------------------------------------
@@ -79,9 +91,25 @@ class JobContext:
         self.inputs.update(Path(p).resolve() for p in paths if p)
 
     def prepare_out_dir(self, out_dir: str) -> Path:
-        """Create the output folder and check it is writable; outputs are then confined to it."""
+        """Create the output folder and check it is writable; outputs are then confined to it.
+
+        The folder is noted in the journal until the job ends, so that a process killed mid-job has its
+        `.partial-*` files removed by the next worker (clean_stale_partials)."""
+        wanted = Path(out_dir).expanduser().resolve()
+        missing = [d for d in (wanted, *wanted.parents) if not d.exists()]
         self.out_dir = prepare_out_dir(out_dir)
+        self._created = missing  # deepest first: removed again if the job fails (discard_outputs)
+        try:
+            journal_dir().mkdir(parents=True, exist_ok=True)
+            entry = {"pid": os.getpid(), "out_dir": str(self.out_dir)}
+            (journal_dir() / f"{self.job_id}.json").write_text(json.dumps(entry), encoding="utf-8")
+        except OSError:
+            log.warning("cannot write the job journal in %s", journal_dir())  # only the clean-up is lost
         return self.out_dir
+
+    def end(self) -> None:
+        """The job is over (committed or discarded): its journal entry goes."""
+        (journal_dir() / f"{self.job_id}.json").unlink(missing_ok=True)
 
     def output_path(self, final: Path) -> Path:
         """A temporary path to write output `final` to; it is renamed to `final` when the job commits."""
@@ -108,10 +136,64 @@ class JobContext:
         self._pending.clear()
 
     def discard_outputs(self) -> None:
+        """Remove what a failed job wrote: its partial files and the folders it created for them."""
         for tmp, _ in self._pending:
             for p in (tmp, tmp.with_name(tmp.name + ".aux.xml")):
                 p.unlink(missing_ok=True)
         self._pending.clear()
+        for folder in self._created:
+            try:
+                folder.rmdir()  # only while empty: nothing else is ever removed
+            except OSError:
+                break
+        self._created = []
+
+
+def data_dir() -> Path:
+    """The backend's own data folder (adapters, job journal): RS_PEFT_QGIS_DATA_DIR or the platform's."""
+    import platformdirs
+
+    base = os.environ.get("RS_PEFT_QGIS_DATA_DIR") or platformdirs.user_data_dir("rs-peft-qgis", appauthor=False)
+    return Path(base)
+
+
+def journal_dir() -> Path:
+    return data_dir() / "running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or an odd entry): leave its files alone
+    return True
+
+
+def clean_stale_partials() -> int:
+    """Remove the `.partial-*` outputs of jobs whose process died (SIGKILL, power cut); returns how many."""
+    removed = 0
+    root = journal_dir()
+    if not root.is_dir():
+        return 0
+    for entry in root.glob("*.json"):
+        try:
+            info = json.loads(entry.read_text(encoding="utf-8"))
+            pid, out_dir = int(info["pid"]), Path(info["out_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            entry.unlink(missing_ok=True)
+            continue
+        if _alive(pid):
+            continue
+        for partial in out_dir.glob(f".partial-{entry.stem}-*"):
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+            removed += 1
+        entry.unlink(missing_ok=True)
+    return removed
 
 
 def prepare_out_dir(out_dir: str) -> Path:
@@ -130,3 +212,28 @@ def prepare_out_dir(out_dir: str) -> Path:
     if not os.access(path, os.W_OK):
         raise JobError(INVALID_INPUT, f"The output folder {path} is not writable.", "Choose a folder you can write to.")
     return path
+
+
+def to_job_error(exc: BaseException) -> JobError:
+    """Map any exception from a job to the closed set of user-facing failures."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, Cancelled | KeyboardInterrupt):
+        return JobError(CANCELLED, "The job was cancelled. No output was written.")
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return JobError(
+            OUT_OF_MEMORY,
+            "The job ran out of memory.",
+            "Use a smaller tile size or batch size, or a smaller area of interest.",
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+        return JobError(
+            OUTPUT_ERROR,
+            f"Could not write the results: {exc.strerror}.",
+            "Free disk space or choose another output folder.",
+        )
+    return JobError(
+        INTERNAL,
+        f"Unexpected error: {type(exc).__name__}: {exc}",
+        "This is a bug in rs-peft-qgis. Please report it with the worker log attached.",
+    )

@@ -15,13 +15,14 @@ import traceback
 from collections import deque
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
-from backend import adapters, weights
+from backend import adapters, declared, weights
 from backend import protocol as P
-from backend.context import Cancelled, JobContext
-from backend.jobs import JOBS, SERVICE_JOBS
-from backend.jobs.base import JobSpec, run_job, to_job_error
+from backend.context import Cancelled, JobContext, clean_stale_partials, to_job_error
+
+if TYPE_CHECKING:
+    from backend.jobs.base import JobSpec
 
 log = logging.getLogger("backend")
 
@@ -121,15 +122,16 @@ class Worker:
 
     # --- requests ---------------------------------------------------------------------------
     def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
-        from backend.jobs.catalog import catalog
         from backend.runtime import environment_info
 
         info = environment_info()
         info["log_path"] = str(self._log_file) if self._log_file else None
-        info["jobs"] = catalog()["jobs"]
+        info["jobs"] = declared.jobs()  # the job modules load with the first job, not here
         return info
 
     def _job_start(self, params: dict[str, Any]) -> dict[str, Any]:
+        from backend.jobs import JOBS
+
         name = params.get("job")
         spec = JOBS.get(name) if isinstance(name, str) else None
         if spec is None:
@@ -141,6 +143,8 @@ class Worker:
 
     def _models_fetch(self, params: dict[str, Any]) -> dict[str, Any]:
         """Downloads run as queued jobs: job.progress while downloading, job.finished/failed at the end."""
+        from backend.jobs import SERVICE_JOBS
+
         spec = SERVICE_JOBS["models.fetch"]
         values = spec.validate(params)
         weights.get_entry(values["name"])  # unknown names are refused at once
@@ -199,6 +203,8 @@ class Worker:
                 spec, values, ctx = self._queue.popleft()
                 self._current = ctx
             log.info("job %s (%s) started", ctx.job_id, spec.name)
+            from backend.jobs.base import run_job
+
             try:
                 result = run_job(spec, values, ctx)
             except BaseException as exc:
@@ -240,6 +246,9 @@ def main() -> int:
     out = claim_stdout()
     worker = Worker(out, setup_logging())
     log.info("worker started (pid %d)", os.getpid())
+    stale = clean_stale_partials()
+    if stale:
+        log.info("removed %d partial output(s) left by a job that was killed", stale)
     worker.serve(sys.stdin.buffer)  # bytes: a line that is not UTF-8 is answered, not fatal
     return 0
 

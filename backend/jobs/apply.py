@@ -28,6 +28,7 @@ from backend.params import (
     in_group_order,
     input_paths,
 )
+from backend.preflight import preflight
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 from backend.runtime import halve_batch_on_oom, resolve_device
 
@@ -108,6 +109,16 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
             spec = TileSpec(tile, tile // 4 if overlap is None else overlap, p["batch_size"])
         except ValueError as exc:
             raise JobError(INVALID_INPUT, str(exc)) from None
+        preflight(
+            ctx,
+            app.grid.height,
+            app.grid.width,
+            spec.stride,
+            out_dir,
+            app.output_bytes_per_pixel,
+            device.type,
+            method.cpu_mp_per_s,
+        )
         model = load_model(method, meta, state, ctx)
         if app.stage is not None:
             model.set_stage(app.stage)

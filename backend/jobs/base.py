@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.context import Cancelled, JobContext
+from backend.context import JobContext
 from backend.params import OutputDecl, Param
-from backend.protocol import CANCELLED, INTERNAL, OUT_OF_MEMORY, OUTPUT_ERROR, JobError, JobResult
+from backend.protocol import JobResult
 
 
 @dataclass(frozen=True)
@@ -62,30 +61,7 @@ def run_job(spec: JobSpec, params: dict[str, Any], ctx: JobContext) -> JobResult
     except BaseException:
         ctx.discard_outputs()
         raise
+    finally:
+        ctx.end()
     result.warnings = list(dict.fromkeys(ctx.warnings + result.warnings))
     return result
-
-
-def to_job_error(exc: BaseException) -> JobError:
-    """Map any exception from a job to the closed set of user-facing failures."""
-    if isinstance(exc, JobError):
-        return exc
-    if isinstance(exc, Cancelled | KeyboardInterrupt):
-        return JobError(CANCELLED, "The job was cancelled. No output was written.")
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return JobError(
-            OUT_OF_MEMORY,
-            "The job ran out of memory.",
-            "Use a smaller tile size or batch size, or a smaller area of interest.",
-        )
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-        return JobError(
-            OUTPUT_ERROR,
-            f"Could not write the results: {exc.strerror}.",
-            "Free disk space or choose another output folder.",
-        )
-    return JobError(
-        INTERNAL,
-        f"Unexpected error: {type(exc).__name__}: {exc}",
-        "This is a bug in rs-peft-qgis. Please report it with the worker log attached.",
-    )

@@ -38,9 +38,11 @@ from backend.params import (
     TILE_SIZE,
     Param,
 )
+from backend.preflight import preflight
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 
 HIST_BINS = 2048
+CPU_MP_PER_S = 2.0  # whole job, 2-core dev VM (docs/BENCHMARKS.md, raster engine)
 
 PARAMS = (
     BEFORE,
@@ -89,6 +91,8 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     if not grid.georeferenced:
         ctx.warn("The rasters are not georeferenced: they are compared pixel by pixel and outputs have no CRS.")
 
+    # The temporary magnitude (float32) sits beside the outputs until they are written.
+    preflight(ctx, grid.height, grid.width, spec.stride, out_dir, 5.0 + 4.0, "cpu", CPU_MP_PER_S)
     before = RasterSource(p["before"], p["bands"], grid=grid, what="before")
     after = RasterSource(p["after"], p["bands"], grid=grid, resampling=Resampling.bilinear, what="after")
     with before, after, tempfile.TemporaryDirectory(dir=out_dir, prefix=f".partial-{ctx.job_id}-") as tmp:

@@ -42,11 +42,13 @@ from backend.methods.pansharpening_classic import (
     sensor_gains,
 )
 from backend.params import AOI, NAME, OUT_DIR, TILE_SIZE, Param
+from backend.preflight import preflight
 from backend.protocol import JobResult
 
 METHODS = ("brovey", "gsa", "mtf_glp_hpm")
 METHOD_TITLES = {"brovey": "Brovey", "gsa": "GSA", "mtf_glp_hpm": "MTF-GLP-HPM"}
 HPM_HALO = 12  # x ratio: the reach of MTF filter + decimation + 23-tap re-interpolation (measured ~11)
+CPU_MP_PER_S = 0.68  # Brovey on SpaceNet-6, 2-core dev VM (docs/BENCHMARKS.md); the others are slower
 
 PARAMS = (
     PAN,
@@ -97,6 +99,8 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     )
     final = out_dir / f"{p['name']}_{method}.tif"
     tile = p["tile_size"]
+    out_bytes = pair.bands * pair.ms_dtype.itemsize
+    preflight(ctx, grid.height, grid.width, tile, out_dir, out_bytes, "cpu", CPU_MP_PER_S)
     block = tile if tile % 16 == 0 else 256
     halo = HPM_HALO * r if method == "mtf_glp_hpm" else 0
 

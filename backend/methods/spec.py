@@ -22,6 +22,7 @@ from torch import nn
 
 from backend.adapters import AdapterMeta
 from backend.context import JobContext
+from backend.declared import EXTRA_METHODS_ENV
 from backend.io.raster import Grid
 from backend.params import OutputDecl, Param
 from backend.protocol import JobResult
@@ -70,6 +71,7 @@ class Application:
     stage: str | None = None  # the model's stage to run (multi-stage methods)
     close: Callable[[], None] = lambda: None
     overlap: int | None = None  # with `tile`, when the job gives neither (None: a quarter of the tile)
+    output_bytes_per_pixel: float = 5.0  # uncompressed, all outputs (default: float32 probability + uint8 mask)
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,11 @@ class MethodSpec:
     # The adapter config keys `build` depends on: adapters that agree on them (and on backbone, bands and
     # checkpoints) share one loaded model in the worker; only their adapter tensors are swapped.
     build_config: tuple[str, ...] = ()
+    # The apply job's throughput on a CPU, measured (docs/BENCHMARKS.md), for the pre-flight time estimate.
+    cpu_mp_per_s: float | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
-EXTRA_METHODS_ENV = "RS_PEFT_QGIS_METHODS"
 
 
 def register(spec: MethodSpec) -> MethodSpec:

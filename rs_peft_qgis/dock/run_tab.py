@@ -184,10 +184,14 @@ class RunTab(QWidget):
         self.stage.setText(f"{stage} — {message}" if message else stage)
 
     def on_log(self, level: str, message: str, data: Any) -> None:
-        """A job's log record: in the log; an `epoch` record also as a row of the epoch table."""
+        """A job's log record: in the log; an `epoch` record also as a row of the epoch table; the job's size
+        estimate (before its long part starts) also on the progress bar's tooltip for the rest of the run."""
         self.append_log(message, level)
         if level == "epoch" and isinstance(data, dict):
             self.epoch_table.add_record(data)
+        elif level == "estimate":
+            self.stage.setText(message)
+            self.progress.setToolTip(message)
 
 
 def carry_layers(source: JobForm, target: JobForm) -> None:

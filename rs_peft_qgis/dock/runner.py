@@ -80,6 +80,7 @@ class JobRunner(QObject):
         self._run = {"job": job, "form": form, **context}
         tab.epoch_table.reset()
         tab.progress.setValue(0)
+        tab.progress.setToolTip("")
         tab.stage.setText("starting the backend…" if SESSION.running is None else "starting…")
         tab.append_log(f"{job.title}: started.")
         self._set_running(True)

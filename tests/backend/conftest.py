@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 LEVIR = DATA / "levir_cd"
 sys.path.insert(0, str(ROOT))
+# The job journal and the adapters of tests never land in the user's own data folder (a test may override).
+os.environ["RS_PEFT_QGIS_DATA_DIR"] = tempfile.mkdtemp(prefix="rs-peft-test-data-")
 
 from backend.client import WorkerClient  # noqa: E402
 
@@ -28,6 +32,7 @@ def sha256(path: Path) -> str:
 @pytest.fixture(autouse=True)
 def _log_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RS_PEFT_QGIS_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
+
 
 
 @pytest.fixture

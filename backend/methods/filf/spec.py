@@ -290,7 +290,16 @@ def open_detect(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applic
     channels = 1 + 2 * meta.config["num_seg"] if semantic else 1
     tile = fitted_tile(max(grid.width, grid.height), max(DETECT_TILE, meta.config.get("patch_size", 256)))
     return Application(
-        grid, read, predict, channels, sink, tile, "detecting changes", close=sources.close, overlap=DETECT_OVERLAP
+        grid,
+        read,
+        predict,
+        channels,
+        sink,
+        tile,
+        "detecting changes",
+        close=sources.close,
+        overlap=DETECT_OVERLAP,
+        output_bytes_per_pixel=5.0 + (2 if semantic else 0),  # + the 2-band uint8 from/to classes
     )
 
 
@@ -315,5 +324,6 @@ SPEC = register(
         outputs=(*CHANGE.declared(), CLASSES_OUTPUT),
         apply_verb="detect",
         apply_title="Detect (FILF adapter)",
+        cpu_mp_per_s=0.14,  # mobile_sam, tiles fitted up to 512 px, 2-core dev VM (issue 14, item 5)
     )
 )

@@ -297,6 +297,7 @@ def open_apply(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applica
         # When stage 2 never beat stage 1 its tail is still zero: the prior stage alone gives the same, faster.
         stage="adapter" if meta.config.get("best_stage") == "adapter" else "prior",
         close=sources.close,
+        output_bytes_per_pixel=nb * pair.ms_dtype.itemsize,
     )
 
 
@@ -319,6 +320,7 @@ SPEC = register(
         outputs=PANSHARPENED,
         stages={stage: f"stage {i} ({name})" for i, (stage, name) in enumerate(STAGE_NAMES.items(), start=1)},
         apply_title="Pansharpen (PanAdapter adapter)",
+        cpu_mp_per_s=0.0034,  # SpaceNet-6, 256² tiles, 2-core dev VM (docs/BENCHMARKS.md)
         apply_batch_size=2,
         default_tile=TILE,
     )
