@@ -4,12 +4,16 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 
 __version__ = "0.1.0"
 
 # GDAL's block cache defaults to 5% of RAM; bounding it keeps peak memory flat however big the
 # scene is (outputs are written in whole GeoTIFF tiles, so a small cache costs no re-reads).
 os.environ.setdefault("GDAL_CACHEMAX", "32")
+# Rasters without georeferencing (PNG, JPEG) are allowed: the jobs say so in plain words (a job warning), so
+# rasterio's own NotGeoreferencedWarning would only print a raw library line to the terminal.
+warnings.filterwarnings("ignore", message="Dataset has no geotransform")
 
 
 def _pin_mmap_threshold() -> None:

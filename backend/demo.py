@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,20 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     info = client.start()
     print(f"backend worker {info['backend_version']} on {', '.join(d['name'] for d in info['devices'])}")
 
-    def show(fraction: float, stage: str, message: str) -> None:
-        print(f"\r  {fraction:4.0%} {stage:<18}", end="", file=sys.stderr, flush=True)
+    def progress(label: str) -> Callable[[float, str, str], None]:  # one line per job, redrawn in place
+        def show(fraction: float, stage: str, message: str) -> None:
+            print(f"\r  {label:<26} {fraction:4.0%} {stage:<18}", end="", file=sys.stderr, flush=True)
+
+        return show
 
     common = {"before": str(before), "after": str(after), "reference": str(reference), "out_dir": str(out_dir)}
+    jobs = {
+        "CVA (Otsu threshold)": ("change.cva", common),
+        "FILF (fine-tuned adapter)": ("change.detect", {**common, "adapter": ADAPTER}),
+    }
+    handles = {}
     try:
-        handles = {
-            "CVA (Otsu threshold)": client.run_job("change.cva", common, on_progress=show),
-            "FILF (fine-tuned adapter)": client.run_job(
-                "change.detect", {**common, "adapter": ADAPTER}, on_progress=show
-            ),
-        }
+        for label, (job, params) in jobs.items():
+            handles[label] = client.run_job(job, params, on_progress=progress(label))
+            print(file=sys.stderr)  # the next job's line starts below this one
     finally:
         client.shutdown()
-    print(file=sys.stderr)
     for h in handles.values():
         if not h.succeeded:
             print(f"Error: {h.outcome['message']}\nHint: {h.outcome.get('hint', '')}", file=sys.stderr)

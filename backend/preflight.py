@@ -32,7 +32,8 @@ class Estimate:
     def summary(self) -> str:
         time_part = f"about {duration(self.seconds)} on {self.device}" if self.seconds is not None else self.device
         return (
-            f"Job size: {self.pixels / 1e6:,.1f} megapixels in {self.blocks:,} tiles, {time_part}; outputs up to "
+            f"Job size: {self.pixels / 1e6:,.1f} megapixels in {self.blocks:,} tile{'s' if self.blocks > 1 else ''}, "
+            f"{time_part}; outputs up to "
             f"{size(self.output_bytes)} ({size(self.free_bytes)} free in the output folder)."
         )
 

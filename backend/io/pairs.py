@@ -93,6 +93,8 @@ def open_pair(
                 "Assign a CRS to it (Raster > Projections > Assign Projection) or use two rasters without one.",
             )
         georef = p.native.georeferenced
+        if georef:  # rasters far apart would otherwise be refused for a ratio measured at two places
+            overlap_grid(p.native, m.native, ("PAN", "MS"))
         found, note, warning = _ratio(p.native, m.native, ratio, georef)
         if warning and warn is not None:
             warn(warning)
