@@ -49,8 +49,14 @@ FAST = {  # the tiny encoder, a few steps: the workflow in about a minute on 2 C
     "patch_size": 128,
 }
 if REAL:  # the real encoder (refused if its weights are missing), still a short run: about two CPU minutes
-    FAST = {"backbone": "mobile_sam", "allow_random_backbone": False, "epochs": 3, "steps_per_epoch": 4,
-            "batch_size": 2, "patch_size": 256}
+    FAST = {
+        "backbone": "mobile_sam",
+        "allow_random_backbone": False,
+        "epochs": 3,
+        "steps_per_epoch": 4,
+        "batch_size": 2,
+        "patch_size": 256,
+    }
 result: dict = {"steps": [], "errors": []}
 
 
