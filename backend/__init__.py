@@ -7,6 +7,8 @@ import sys
 import warnings
 
 __version__ = "0.1.0"
+# Comma-separated modules that register more methods (a lab's own, or a test's): backend/methods/spec.py.
+EXTRA_METHODS_ENV = "RS_PEFT_QGIS_METHODS"
 
 # GDAL's block cache defaults to 5% of RAM; bounding it keeps peak memory flat however big the
 # scene is (outputs are written in whole GeoTIFF tiles, so a small cache costs no re-reads).

@@ -168,7 +168,10 @@ def _alive(pid: int) -> bool:
         return False
     except (PermissionError, OverflowError, ValueError):
         return True  # someone else's process (or an odd entry): leave its files alone
-    return True
+    try:  # a killed worker its parent (QGIS) has not reaped yet is a zombie: dead, though kill(0) works
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def clean_stale_partials() -> int:

@@ -13,18 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from backend import EXTRA_METHODS_ENV
+
 CATALOG_FILE = Path(__file__).resolve().parents[1] / "resources" / "jobs.json"
-EXTRA_METHODS_ENV = "RS_PEFT_QGIS_METHODS"  # comma-separated modules that register more methods
-
-
-def catalog() -> dict[str, Any]:
-    if not os.environ.get(EXTRA_METHODS_ENV) and CATALOG_FILE.is_file():
-        return json.loads(CATALOG_FILE.read_text(encoding="utf-8"))
-    from backend.jobs import catalog as live
-
-    return live.catalog()
 
 
 def jobs() -> dict[str, dict[str, Any]]:
     """Job name -> its catalog entry (title, summary, params with type/choices/default/help, outputs)."""
+    if not os.environ.get(EXTRA_METHODS_ENV) and CATALOG_FILE.is_file():
+        return json.loads(CATALOG_FILE.read_text(encoding="utf-8"))["jobs"]
+    from backend.jobs.catalog import catalog  # other methods are registered: the live catalog knows them
+
     return catalog()["jobs"]

@@ -107,18 +107,16 @@ class Worker:
             P.SHUTDOWN: self._shutdown,
         }.get(msg["method"])
         if handler is None:
-            self.send(P.error_response(msg_id, P.METHOD_NOT_FOUND, f"Method not found: {msg['method'][:100]}"))
-            return
-        try:
-            result = handler(params)
-        except P.JobError as exc:
-            self.send(P.error_response(msg_id, P.INVALID_PARAMS, exc.message, exc.to_dict()))
-            return
-        except ValueError as exc:
-            self.send(P.error_response(msg_id, P.INVALID_PARAMS, str(exc)))
-            return
-        if msg_id is not None:
-            self.send(P.response(msg_id, result))
+            reply = P.error_response(msg_id, P.METHOD_NOT_FOUND, f"Method not found: {msg['method'][:100]}")
+        else:
+            try:
+                reply = P.response(msg_id, handler(params))
+            except P.JobError as exc:
+                reply = P.error_response(msg_id, P.INVALID_PARAMS, exc.message, exc.to_dict())
+            except ValueError as exc:
+                reply = P.error_response(msg_id, P.INVALID_PARAMS, str(exc)[:2000])
+        if "id" in msg:  # a notification is never answered (JSON-RPC 2.0 §4.1), not even with an error
+            self.send(reply)
 
     # --- requests ---------------------------------------------------------------------------
     def _initialize(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +124,7 @@ class Worker:
 
         info = environment_info()
         info["log_path"] = str(self._log_file) if self._log_file else None
-        info["jobs"] = declared.jobs()  # the job modules load with the first job, not here
+        info["jobs"] = declared.jobs()  # from the catalog file: the job modules load with the first job
         return info
 
     def _job_start(self, params: dict[str, Any]) -> dict[str, Any]:

@@ -157,7 +157,7 @@ class RasterSource:
     ) -> None:
         """`pixel_scale`: the raster has no georeferencing and its pixel i covers `grid` pixels
         pixel_scale*i … pixel_scale*(i+1) (an MS under a PAN of the same scene), so it is warped in pixel space."""
-        self.path = Path(path)
+        self.path, self.what = Path(path), what
         self.ds = open_dataset(path, what)
         self.bands = check_bands(self.ds, bands, what)
         self.native = Grid.of(self.ds)
@@ -199,6 +199,24 @@ class RasterSource:
         return len(self.bands)
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            data, masks = self._read(window)
+        except RasterioIOError as exc:  # a truncated or damaged file opens fine and fails here
+            raise JobError(
+                INVALID_INPUT,
+                f"The {self.what} file {self.path.name} could not be read near row {int(window.row_off)}: it is "
+                f"damaged or incomplete ({str(exc)[:120]}).",
+                "Copy or export the raster again.",
+            ) from None
+        valid = np.all(masks > 0, axis=0)
+        out = data.astype(np.float32, copy=False)
+        if np.issubdtype(self.dtype, np.floating):
+            valid &= np.all(np.isfinite(out), axis=0)
+        if self.scale == "dtype" and np.issubdtype(self.dtype, np.integer):
+            out = out / np.float32(np.iinfo(self.dtype).max)
+        return out, valid
+
+    def _read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         if self._vrt is not None:
             data = self._vrt.read(self.bands, window=window)
             masks = self._vrt.read_masks(self.bands, window=window)
@@ -213,13 +231,7 @@ class RasterSource:
             )
             data = self.ds.read(self.bands, window=w, boundless=not inside)
             masks = self.ds.read_masks(self.bands, window=w, boundless=not inside)
-        valid = np.all(masks > 0, axis=0)
-        out = data.astype(np.float32, copy=False)
-        if np.issubdtype(self.dtype, np.floating):
-            valid &= np.all(np.isfinite(out), axis=0)
-        if self.scale == "dtype" and np.issubdtype(self.dtype, np.integer):
-            out = out / np.float32(np.iinfo(self.dtype).max)
-        return out, valid
+        return data, masks
 
     def close(self) -> None:
         if self._vrt is not None:

@@ -74,9 +74,17 @@ def read_polygons(
                 ) from None
             if not 0 <= value < IGNORE:
                 raise JobError(INVALID_INPUT, f"Class numbers must be between 0 and {IGNORE - 1}; found {value}.")
-            geom = dict(feat.geometry.__geo_interface__)
-            if src_crs is not None and target_crs is not None and src_crs != target_crs:
-                geom = transform_geom(src_crs, target_crs, geom)
+            try:  # a polygon with too few vertices (hand-edited, or a broken export) cannot be used
+                geom = dict(feat.geometry.__geo_interface__)
+                if src_crs is not None and target_crs is not None and src_crs != target_crs:
+                    geom = transform_geom(src_crs, target_crs, geom)
+                shape(geom)
+            except (ValueError, TypeError, shapely.errors.GEOSException) as exc:
+                raise JobError(
+                    INVALID_INPUT,
+                    f"The {what} file {p.name} holds a damaged polygon (feature {feat.id}): {str(exc).rstrip('.')}.",
+                    "Fix or delete that feature (Vector > Geometry Tools > Check Validity helps).",
+                ) from None
             geoms.append(geom)
             values.append(value)
     if not geoms:

@@ -20,9 +20,9 @@ import torch
 from rasterio.windows import Window
 from torch import nn
 
+from backend import EXTRA_METHODS_ENV
 from backend.adapters import AdapterMeta
 from backend.context import JobContext
-from backend.declared import EXTRA_METHODS_ENV
 from backend.io.raster import Grid
 from backend.params import OutputDecl, Param
 from backend.protocol import JobResult

@@ -34,7 +34,6 @@ def _log_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.setenv("RS_PEFT_QGIS_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
 
 
-
 @pytest.fixture
 def worker() -> WorkerClient:
     """A real worker process on this interpreter (the backend venv), shut down after the test."""

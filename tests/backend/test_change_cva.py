@@ -210,8 +210,8 @@ def test_ctrl_c_cancels_cleanly(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    first = proc.stderr.readline()  # the first progress line: the job runs (no fixed sleep: a loaded machine)
-    assert "%" in first, first
+    # The first progress line: the job runs (an event, not a fixed sleep: a loaded machine must not fail this).
+    assert any("%" in line for line in iter(proc.stderr.readline, ""))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1

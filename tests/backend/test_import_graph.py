@@ -21,11 +21,13 @@ PACKAGES = ("backend", "rs_peft_qgis")
 # prefix wins), except the package itself, which is matched exactly.
 LAYERS: dict[str, list[list[str]]] = {
     "backend": [
-        # The package itself only sets up the process (GDAL cache, malloc) and holds __version__.
+        # The package itself only sets up the process (GDAL cache, malloc, warnings) and holds __version__ and
+        # the name of the variable that registers more methods.
         ["backend.protocol", "backend.client", "backend"],
         [
             "backend.params",
             "backend.context",
+            "backend.preflight",
             "backend.runtime",
             "backend.weights",
             "backend.adapters",
@@ -36,7 +38,8 @@ LAYERS: dict[str, list[list[str]]] = {
         ["backend.training"],
         # The pansharpening indices filter with the sensors' MTF, which the classical methods define.
         ["backend.methods", "backend.metrics.pansharpening"],
-        ["backend.jobs", "backend.distributed"],
+        # The catalog file stands in for the jobs (fast start); with other methods registered it asks them.
+        ["backend.jobs", "backend.distributed", "backend.declared"],
         ["backend.worker", "backend.cli"],
         ["backend.demo", "backend.__main__"],
     ],
