@@ -281,6 +281,9 @@ def test_dock_runs_cva_on_a_levir_pair_and_adds_styled_layers(dock, qgis_iface, 
     success = qgis_iface.messageBar().get_messages(Qgis.Success)
     assert any("Detect (CVA, no training)" in m and "polygons" in m for m in success), success
     assert "started" in dock.run_tab.log.toPlainText() and "finished" in dock.run_tab.log.toPlainText()
+    # The job's size estimate came before its work, and stays on the progress bar's tooltip.
+    assert "Job size: 0.1 megapixels in 1 tile" in dock.run_tab.log.toPlainText()
+    assert dock.run_tab.progress.toolTip().startswith("Job size: 0.1 megapixels")
     if dock.inspect_tab.inspector is not None:  # the change polygons go to the Inspect tab
         assert dock.tabs.currentIndex() == 1
         polygons = next(x for x in layers if isinstance(x, QgsVectorLayer))
