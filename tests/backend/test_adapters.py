@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def tensors() -> dict[str, torch.Tensor]:
         "decoder.head.weight": torch.randn(2, 64, 3, 3, generator=g),
         "step": torch.tensor([7], dtype=torch.int64),
     }
+
+
+def test_a_copied_adapter_folder_goes_by_its_folder_name() -> None:
+    """Copying an adapter folder in a file manager makes a second adapter, listed and loaded by the new name."""
+    folder = adapters.save("original", tensors(), meta())
+    shutil.copytree(folder, folder.with_name("copy_for_2025"))
+    assert sorted(a["name"] for a in adapters.list_adapters()) == ["copy_for_2025", "original"]
+    _, m = adapters.load("copy_for_2025")
+    assert m.name == "copy_for_2025"
 
 
 def test_round_trip_is_bit_exact_with_metadata() -> None:
