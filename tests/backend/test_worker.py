@@ -112,6 +112,11 @@ def test_malformed_input_gets_errors_and_worker_lives(worker: WorkerClient, tmp_
             "job.start",
             {"job": "change.cva", "params": {"before": "a", "after": "b", "out_dir": "c", "tile_size": "big"}},
         )
+    with pytest.raises(RpcError, match="used in file names, so it cannot contain '/'"):  # no escape from out_dir
+        worker.request(
+            "job.start",
+            {"job": "change.cva", "params": {"before": "a", "after": "b", "out_dir": str(tmp_path), "name": "../x"}},
+        )
     assert worker.alive
     assert worker.request("initialize")["backend_version"]
 
