@@ -1,10 +1,8 @@
-"""Training data for change detection: the analyst's labelled area, split by area, sampled as patches.
+"""Training data for change detection: the analyst's labelled area (backend/training/areas.py).
 
 The labelled area (an AOI, or the whole overlap when small) is read once on the before grid: both
 dates (the after raster aligned on the fly) and a label raster (0 no change, 1 change, IGNORE where
-nothing is known); for semantic change also the date-1 and date-2 classes of the changed pixels. The area
-is split into a training and a validation part along its longer side,
-so validation pixels never appear in a training patch.
+nothing is known); for semantic change also the date-1 and date-2 classes of the changed pixels.
 """
 
 from __future__ import annotations
@@ -12,38 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from backend.io.raster import Grid, RasterSource, is_raster, overlap_grid, require_same_band_count
 from backend.io.rasterize import IGNORE, Polygons, rasterize_labels, read_polygons
 from backend.protocol import INVALID_INPUT, JobError
-
-# Without an AOI the whole overlap is the training area; beyond this many pixels, ask for an AOI.
-MAX_AREA_PX = 4096 * 4096
-
-
-@dataclass
-class TrainingArea:
-    before: np.ndarray  # (C, H, W) float32, raw values
-    after: np.ndarray  # (C, H, W) float32, aligned onto the before grid
-    label: np.ndarray  # (H, W) uint8: 0, 1, IGNORE
-    grid: Grid
-    # Semantic change: (2, H, W) uint8, the from/to classes (1..K) of changed pixels; 0 = unchanged or unknown.
-    classes: np.ndarray | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.label.shape
-
-    @property
-    def images(self) -> tuple[np.ndarray, ...]:
-        return self.before, self.after
-
-    @property
-    def targets(self) -> tuple[np.ndarray, ...]:
-        """What a patch is scored against: the change label, and the from/to classes when known."""
-        return (self.label,) if self.classes is None else (self.label, self.classes)
+from backend.training.areas import TrainingArea, check_size, read_label_rasters
 
 
 def load_training_area(
@@ -75,7 +47,7 @@ def load_training_area(
     else:
         polys = read_polygons(labels, grid.crs, class_field=label_field, what="label", warnings=warnings)
         if aoi_polys is None:
-            _check_size(grid)
+            check_size(grid)
         label, sub = rasterize_labels(polys, grid, aoi=aoi_polys)
         label = np.where(label == IGNORE, IGNORE, (label > 0).astype(np.uint8))
     if require_change and not np.any(label == 1):
@@ -94,7 +66,7 @@ def load_training_area(
     label = np.where(vb & va, label, IGNORE).astype(np.uint8)
     if classes is not None:
         classes = np.where(label == 1, classes, 0).astype(np.uint8)
-    return TrainingArea(xb, xa, label, sub, classes)
+    return TrainingArea((xb, xa), label, sub, classes)
 
 
 @dataclass(frozen=True)
@@ -118,7 +90,7 @@ def _semantic_labels(
                 "Semantic change from rasters needs two class rasters: the date-1 classes and the date-2 classes.",
                 "Give the date-2 class raster as 'labels after', or use polygons with from/to class fields.",
             )
-        data, known, sub = _read_label_rasters(
+        data, known, sub = read_label_rasters(
             [(labels, "date-1 class"), (semantic.labels_after, "date-2 class")], grid, aoi
         )
         classes = np.clip(data, 0, IGNORE - 1).astype(np.uint8)
@@ -130,7 +102,7 @@ def _semantic_labels(
             "Choose the fields that hold the class numbers before and after the change.",
         )
     if aoi is None:
-        _check_size(grid)
+        check_size(grid)
     burnt = []
     for field in (semantic.from_field, semantic.to_field):
         polys = read_polygons(labels, grid.crs, class_field=field, what="label", warnings=warnings)
@@ -142,98 +114,7 @@ def _semantic_labels(
     return label, classes, sub
 
 
-def _check_size(grid: Grid) -> None:
-    if grid.width * grid.height > MAX_AREA_PX:
-        raise JobError(
-            INVALID_INPUT,
-            f"The rasters overlap over {grid.width}x{grid.height} pixels, too large to use whole as a training area.",
-            "Choose an area of interest around your labels.",
-        )
-
-
 def _raster_labels(labels: str, grid: Grid, aoi: Polygons | None) -> tuple[np.ndarray, Grid]:
     """A change-mask raster (non-zero = change, nodata = unknown) on the grid, inside the AOI."""
-    data, known, sub = _read_label_rasters([(labels, "label")], grid, aoi)
+    data, known, sub = read_label_rasters([(labels, "label")], grid, aoi)
     return np.where(known, data[0] > 0, IGNORE).astype(np.uint8), sub
-
-
-def _read_label_rasters(
-    rasters: list[tuple[str, str]], grid: Grid, aoi: Polygons | None
-) -> tuple[np.ndarray, np.ndarray, Grid]:
-    """Band 1 of each (path, what) on the grid, inside the AOI (nearest neighbour): (n, H, W) values, where all
-    are known (valid in every raster and inside the AOI), and the grid they were read on."""
-    sub, known = grid, None
-    if aoi is not None:
-        inside, sub = rasterize_labels(aoi, grid)  # the AOI burned as 1 on its own sub-grid
-        known = inside > 0
-    else:
-        _check_size(grid)
-    stack = []
-    for path, what in rasters:
-        with RasterSource(path, [1], grid=sub, resampling=Resampling.nearest, what=what) as src:
-            data, valid = src.read(Window(0, 0, sub.width, sub.height))
-        stack.append(data[0])
-        known = valid if known is None else known & valid
-    return np.stack(stack), known, sub
-
-
-@dataclass
-class Split:
-    """Row/column ranges of the training and validation parts of an area."""
-
-    train: tuple[slice, slice]
-    val: tuple[slice, slice]
-
-
-def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float) -> Split:
-    """Cut the area along its longer side: the last `val_fraction` (at least one patch) validates."""
-    h, w = shape
-    axis_len = max(h, w)
-    n_val = max(round(axis_len * val_fraction), patch)
-    if axis_len - n_val < patch or min(h, w) < patch:
-        raise JobError(
-            INVALID_INPUT,
-            f"The labelled area ({w}x{h} pixels) is too small to train and validate on patches of {patch} pixels.",
-            "Choose a larger area of interest or a smaller patch size.",
-        )
-    cut = axis_len - n_val
-    if h >= w:
-        return Split((slice(0, cut), slice(0, w)), (slice(cut, h), slice(0, w)))
-    return Split((slice(0, h), slice(0, cut)), (slice(0, h), slice(cut, w)))
-
-
-Part = tuple[TrainingArea, tuple[slice, slice]]
-
-
-def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) -> tuple[list[Part], list[Part]]:
-    """One area: split by area. Several: whole areas are held out for validation (the last ones)."""
-    if len(areas) == 1:
-        split = split_by_area(areas[0].shape, patch, val_fraction)
-        return [(areas[0], split.train)], [(areas[0], split.val)]
-    for a in areas:
-        if min(a.shape) < patch:
-            raise JobError(
-                INVALID_INPUT, f"A labelled area of {a.shape[1]}x{a.shape[0]} pixels is smaller than a patch."
-            )
-    n_val = min(max(round(len(areas) * val_fraction), 1), len(areas) - 1)
-    whole = [(a, (slice(0, a.shape[0]), slice(0, a.shape[1]))) for a in areas]
-    return whole[:-n_val], whole[-n_val:]
-
-
-def val_patches(part: Part, patch: int) -> list[tuple[np.ndarray, ...]]:
-    """A validation part cut into patches (the last row/column shifted back to stay inside): the images of
-    both dates, then the targets (see TrainingArea.targets)."""
-    area, (rows, cols) = part
-    out = []
-    for r in _starts(rows.start, rows.stop, patch):
-        for c in _starts(cols.start, cols.stop, patch):
-            if np.any(area.label[r : r + patch, c : c + patch] != IGNORE):
-                out.append(tuple(a[..., r : r + patch, c : c + patch] for a in (*area.images, *area.targets)))
-    return out
-
-
-def _starts(lo: int, hi: int, patch: int) -> list[int]:
-    starts = list(range(lo, hi - patch + 1, patch))
-    if not starts or starts[-1] + patch < hi:
-        starts.append(max(hi - patch, lo))
-    return starts

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from backend.training.change_data import Part
+from backend.training.areas import Part
 
 
 def dihedral(x: np.ndarray, k: int, flip_h: bool, flip_v: bool = False) -> np.ndarray:

@@ -40,7 +40,8 @@ from backend.params import (
     Param,
 )
 from backend.protocol import INVALID_INPUT, JobError
-from backend.training.change_data import SemanticLabels, TrainingArea, load_training_area
+from backend.training.areas import TrainingArea
+from backend.training.change_data import SemanticLabels, load_training_area
 
 from .model import build_filf
 from .outputs import CLASSES_OUTPUT, SemanticChangeOutputs

@@ -21,7 +21,7 @@ from torch import nn
 from backend import weights
 from backend.io.rasterize import IGNORE
 from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
-from backend.training.change_data import TrainingArea, train_val_parts, val_patches
+from backend.training.areas import TrainingArea, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.samplers import LabelledPatchSampler
 
@@ -83,10 +83,10 @@ def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> 
     """The encoder's own normalisation (from the weights registry) for 8-bit data with its band count, else
     per-band statistics of the labelled areas."""
     spec = weights.backbone_info(backbone).input
-    bands = areas[0].before.shape[0]
+    bands = areas[0].images[0].shape[0]
     if dtype == np.uint8 and bands == len(spec.get("mean", ())):
         return {"mean": list(spec["mean"]), "std": list(spec["std"])}
-    both = np.concatenate([x[:, a.label != IGNORE] for a in areas for x in (a.before, a.after)], axis=1)
+    both = np.concatenate([x[:, a.label != IGNORE] for a in areas for x in a.images], axis=1)
     return {"mean": both.mean(1).tolist(), "std": np.maximum(both.std(1), 1e-6).tolist()}
 
 

@@ -1,0 +1,131 @@
+"""Labelled training areas, for every task: read once on a grid, split by area, cut into validation patches.
+
+An area holds its images (one per date: `before`/`after` for change, one image for objects or land cover),
+a label raster (0 = background / unchanged, 1.. = classes, IGNORE where nothing is known) and optional extra
+targets. The area is split along its longer side into a training and a validation part, so validation pixels
+never appear in a training patch; several areas are held out whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from backend.io.raster import Grid, RasterSource
+from backend.io.rasterize import IGNORE, Polygons, rasterize_labels
+from backend.protocol import INVALID_INPUT, JobError
+
+# Without an AOI the whole raster (or the dates' overlap) is the training area; beyond this many pixels, ask for an AOI.
+MAX_AREA_PX = 4096 * 4096
+
+
+@dataclass
+class TrainingArea:
+    images: tuple[np.ndarray, ...]  # (C, H, W) float32 raw values, one per date, all on `grid`
+    label: np.ndarray  # (H, W) uint8: 0, 1 … (classes), IGNORE
+    grid: Grid
+    # Semantic change: (2, H, W) uint8, the from/to classes (1..K) of changed pixels; 0 = unchanged or unknown.
+    classes: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.label.shape
+
+    @property
+    def targets(self) -> tuple[np.ndarray, ...]:
+        """What a patch is scored against: the change label, and the from/to classes when known."""
+        return (self.label,) if self.classes is None else (self.label, self.classes)
+
+
+def check_size(grid: Grid) -> None:
+    if grid.width * grid.height > MAX_AREA_PX:
+        raise JobError(
+            INVALID_INPUT,
+            f"The labelled area is {grid.width}x{grid.height} pixels, too large to use whole as a training area.",
+            "Choose an area of interest around your labels.",
+        )
+
+
+def read_label_rasters(
+    rasters: list[tuple[str, str]], grid: Grid, aoi: Polygons | None
+) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """Band 1 of each (path, what) on the grid, inside the AOI (nearest neighbour): (n, H, W) values, where all
+    are known (valid in every raster and inside the AOI), and the grid they were read on."""
+    sub, known = grid, None
+    if aoi is not None:
+        inside, sub = rasterize_labels(aoi, grid)  # the AOI burned as 1 on its own sub-grid
+        known = inside > 0
+    else:
+        check_size(grid)
+    stack = []
+    for path, what in rasters:
+        with RasterSource(path, [1], grid=sub, resampling=Resampling.nearest, what=what) as src:
+            data, valid = src.read(Window(0, 0, sub.width, sub.height))
+        stack.append(data[0])
+        known = valid if known is None else known & valid
+    return np.stack(stack), known, sub
+
+
+@dataclass
+class Split:
+    """Row/column ranges of the training and validation parts of an area."""
+
+    train: tuple[slice, slice]
+    val: tuple[slice, slice]
+
+
+def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float) -> Split:
+    """Cut the area along its longer side: the last `val_fraction` (at least one patch) validates."""
+    h, w = shape
+    axis_len = max(h, w)
+    n_val = max(round(axis_len * val_fraction), patch)
+    if axis_len - n_val < patch or min(h, w) < patch:
+        raise JobError(
+            INVALID_INPUT,
+            f"The labelled area ({w}x{h} pixels) is too small to train and validate on patches of {patch} pixels.",
+            "Choose a larger area of interest or a smaller patch size.",
+        )
+    cut = axis_len - n_val
+    if h >= w:
+        return Split((slice(0, cut), slice(0, w)), (slice(cut, h), slice(0, w)))
+    return Split((slice(0, h), slice(0, cut)), (slice(0, h), slice(cut, w)))
+
+
+Part = tuple[TrainingArea, tuple[slice, slice]]
+
+
+def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) -> tuple[list[Part], list[Part]]:
+    """One area: split by area. Several: whole areas are held out for validation (the last ones)."""
+    if len(areas) == 1:
+        split = split_by_area(areas[0].shape, patch, val_fraction)
+        return [(areas[0], split.train)], [(areas[0], split.val)]
+    for a in areas:
+        if min(a.shape) < patch:
+            raise JobError(
+                INVALID_INPUT, f"A labelled area of {a.shape[1]}x{a.shape[0]} pixels is smaller than a patch."
+            )
+    n_val = min(max(round(len(areas) * val_fraction), 1), len(areas) - 1)
+    whole = [(a, (slice(0, a.shape[0]), slice(0, a.shape[1]))) for a in areas]
+    return whole[:-n_val], whole[-n_val:]
+
+
+def val_patches(part: Part, patch: int) -> list[tuple[np.ndarray, ...]]:
+    """A validation part cut into patches (the last row/column shifted back to stay inside): the images of
+    both dates, then the targets (see TrainingArea.targets)."""
+    area, (rows, cols) = part
+    out = []
+    for r in _starts(rows.start, rows.stop, patch):
+        for c in _starts(cols.start, cols.stop, patch):
+            if np.any(area.label[r : r + patch, c : c + patch] != IGNORE):
+                out.append(tuple(a[..., r : r + patch, c : c + patch] for a in (*area.images, *area.targets)))
+    return out
+
+
+def _starts(lo: int, hi: int, patch: int) -> list[int]:
+    starts = list(range(lo, hi - patch + 1, patch))
+    if not starts or starts[-1] + patch < hi:
+        starts.append(max(hi - patch, lo))
+    return starts
