@@ -30,7 +30,8 @@ class Estimate:
     device: str
 
     def summary(self) -> str:
-        time_part = f"about {duration(self.seconds)} on {self.device}" if self.seconds is not None else self.device
+        time_part = f"about {duration(self.seconds)}" if self.seconds is not None else "no time estimate"
+        time_part += f" on {self.device}"
         return (
             f"Job size: {self.pixels / 1e6:,.1f} megapixels in {self.blocks:,} tile{'s' if self.blocks > 1 else ''}, "
             f"{time_part}; outputs up to "

@@ -26,6 +26,7 @@ IGNORE = 255  # label value for pixels outside the AOI: never trained on, never 
 class Polygons:
     geoms: list[dict[str, Any]]  # GeoJSON-like, already in the target CRS
     values: list[int]
+    names: list[str] | None = None  # class k's name is names[k - 1] when the field held names, not numbers
 
 
 def read_polygons(
@@ -35,8 +36,12 @@ def read_polygons(
     layer: str | None = None,
     what: str = "label",
     warnings: list[str] | None = None,
+    names: bool = False,
 ) -> Polygons:
-    """Read (multi)polygons and their integer class from any OGR vector file, in target_crs."""
+    """Read (multi)polygons and their integer class from any OGR vector file, in target_crs.
+
+    With `names`, a class field holding text ("tank", "ship") is allowed: its distinct values, sorted, become
+    classes 1 … K and `Polygons.names`; a field of whole numbers is read as class numbers either way."""
     p = Path(path).expanduser()
     if not p.exists():
         raise JobError(
@@ -59,25 +64,25 @@ def read_polygons(
         src_crs = CRS.from_wkt(src.crs.to_wkt()) if src.crs and src.crs.to_wkt() else None
         if src_crs is None and target_crs is not None and warnings is not None:
             warnings.append(f"The {what} layer has no CRS; it is assumed to be in the raster's CRS.")
-        geoms, values = [], []
+        geoms, raw = [], []
         for feat in src:
             if feat.geometry is None or feat.geometry.type not in ("Polygon", "MultiPolygon"):
                 continue
             value = 1 if not class_field else feat.properties[class_field]
-            if value is None:
+            if value is None or (isinstance(value, str) and not value.strip()):
                 continue
-            try:
-                value = int(value)
-            except (TypeError, ValueError):
-                raise JobError(
-                    INVALID_INPUT, f"The class field '{class_field}' holds {value!r}, not a class number."
-                ) from None
-            if not 0 <= value < IGNORE:
-                raise JobError(INVALID_INPUT, f"Class numbers must be between 0 and {IGNORE - 1}; found {value}.")
-            try:  # a polygon with too few vertices (hand-edited, or a broken export) cannot be used
-                geom = dict(feat.geometry.__geo_interface__)
-                if src_crs is not None and target_crs is not None and src_crs != target_crs:
+            geom = dict(feat.geometry.__geo_interface__)
+            if src_crs is not None and target_crs is not None and src_crs != target_crs:
+                try:
                     geom = transform_geom(src_crs, target_crs, geom)
+                except Exception as exc:  # GDAL's own error types: e.g. far outside a UTM zone
+                    raise JobError(
+                        INVALID_INPUT,
+                        f"A polygon of the {what} file {p.name} (feature {feat.id}) cannot be placed in the raster's "
+                        f"coordinate system ({str(exc).rstrip('.')}).",
+                        "It lies far from the raster, or the layer's CRS is wrong: check both on the map.",
+                    ) from None
+            try:  # a polygon with too few vertices (hand-edited, or a broken export) cannot be used
                 shape(geom)
             except (ValueError, TypeError, shapely.errors.GEOSException) as exc:
                 raise JobError(
@@ -86,14 +91,36 @@ def read_polygons(
                     "Fix or delete that feature (Vector > Geometry Tools > Check Validity helps).",
                 ) from None
             geoms.append(geom)
-            values.append(value)
+            raw.append(value)
     if not geoms:
         raise JobError(
             INVALID_INPUT,
             f"The {what} layer contains no polygons.",
             "Draw at least one polygon (or check that the layer is a polygon layer).",
         )
+    if names and not all(_whole(v) for v in raw):
+        classes = sorted({str(v).strip() for v in raw})
+        if len(classes) >= IGNORE:
+            raise JobError(INVALID_INPUT, f"The class field '{class_field}' holds {len(classes)} different names.")
+        return Polygons(geoms, [classes.index(str(v).strip()) + 1 for v in raw], classes)
+    values = []
+    for value in raw:
+        if not _whole(value):
+            raise JobError(INVALID_INPUT, f"The class field '{class_field}' holds {value!r}, not a class number.")
+        if not 0 <= int(value) < IGNORE:
+            raise JobError(INVALID_INPUT, f"Class numbers must be between 0 and {IGNORE - 1}; found {int(value)}.")
+        values.append(int(value))
     return Polygons(geoms, values)
+
+
+def _whole(value: Any) -> bool:
+    """A class number: a whole number, or text that reads as one ("3")."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return float(value) == int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def rasterize_labels(

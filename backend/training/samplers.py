@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from backend.io.rasterize import IGNORE
 from backend.training.areas import Part
 
 
@@ -33,14 +34,15 @@ class PatchSampler:
 
 class LabelledPatchSampler(PatchSampler):
     """Patches from the training parts of labelled areas: every image of the area (one or more dates) and
-    the label; every other patch holds a pixel of class 1 (the rare class: change, an object) at a random
-    place in it."""
+    the label; every other patch holds a pixel of a class (the rare ones: change, objects) at a random place
+    in it."""
 
     def __init__(self, parts: list[Part], patch: int, seed: int = 0) -> None:
         super().__init__(patch, seed)
         self.parts = []
         for area, (rows, cols) in parts:
-            positive = np.argwhere(area.label[rows, cols] == 1)
+            label = area.label[rows, cols]
+            positive = np.argwhere((label > 0) & (label != IGNORE))
             self.parts.append((area, rows, cols, positive))
 
     def sample(self, batch: int) -> tuple[np.ndarray, ...]:

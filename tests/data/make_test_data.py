@@ -65,6 +65,10 @@ def main() -> None:
     sn.mkdir(exist_ok=True)
     with rasterio.open(src / "sample_geotiff.tif") as img, rasterio.open(src / "sample_fp_mask.tif") as mask:
         write(sn / "fp_mask.tif", mask.read(), img.transform, img.crs)
+        # The panchromatic image itself (uint16), for object segmentation against the footprints.
+        profile = img.profile | {"compress": "deflate", "predictor": 2, "tiled": False}
+        with rasterio.open(sn / "pan.tif", "w", **profile) as out:
+            out.write(img.read())
     for f in ("geotiff_labels.geojson", "LICENSE-SOURCE.txt"):
         shutil.copyfile(src / f, sn / f)
 

@@ -1,16 +1,17 @@
 """WEFT (Sun et al., AAAI 2026): dynamic wavelet expert-guided fine-tuning of a frozen plain ViT for object
-segmentation. The model is built; its jobs (objects.finetune / objects.segment) register with the method spec
-in a later step (issue 16)."""
+segmentation (objects.finetune, objects.segment)."""
 
 from .adapter import ECTR, TEW, Extractor, Injector, Interaction
 from .deform_attn import MSDeformAttn, ms_deform_attn
 from .extractor import WaveletExpert, WaveletExpertExtractor, WaveletExperts
 from .head import FPNHead
 from .model import WEFT, block_groups
+from .spec import SPEC  # registers the method
 from .wavelet import WTConv2d, haar_filters
 
 __all__ = [
     "ECTR",
+    "SPEC",
     "TEW",
     "WEFT",
     "Extractor",

@@ -1,0 +1,128 @@
+"""WEFT's fine-tuning recipe on the shared training loop (methods.md §1.3, departures below).
+
+Per-band normalisation by the labelled area's own statistics (the paper normalises per dataset), patches
+sampled inside the labelled area with every other one holding an object, flips and 90° turns plus a photometric
+jitter (brightness and contrast per patch, in the spirit of PhotoMetricDistortion), validation on a held-out part
+of the area, the best epoch by mIoU as the official configs keep it. Departures for a few hundred steps on the
+analyst's labels, each a parameter: the light FPN head instead of Mask2Former, the loop's Adam at lr 2e-4
+instead of AdamW at 5e-5 with layer decay, class-balanced cross-entropy (objects are rare in a scene).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from backend.io.rasterize import IGNORE
+from backend.metrics.segmentation import ConfusionMatrix
+from backend.training.areas import TrainingArea, train_val_parts, val_patches
+from backend.training.loop import Recipe, Stage, loop_settings
+from backend.training.samplers import LabelledPatchSampler
+
+SEED = 2024  # the official seed
+WARMUP_SHARE = 0.02  # the configs' 1,500 warm-up iterations of 80,000
+JITTER = 0.2  # photometric jitter: contrast × U(1 ± 0.2), brightness + U(± 0.2) in normalised units
+Normalize = Callable[[torch.Tensor], torch.Tensor]
+
+
+def normalization(areas: list[TrainingArea]) -> dict[str, list[float]]:
+    """Per-band mean and std over the labelled pixels of the areas."""
+    pixels = np.concatenate([a.images[0][:, a.label != IGNORE] for a in areas], axis=1)
+    return {"mean": pixels.mean(1).tolist(), "std": np.maximum(pixels.std(1), 1e-6).tolist()}
+
+
+def normalizer(norm: dict[str, list[float]], device: torch.device) -> Normalize:
+    mean = torch.tensor(norm["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"], device=device).view(1, -1, 1, 1)
+    return lambda x: (x - mean) / std
+
+
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, balance: bool = True) -> torch.Tensor:
+    """Cross-entropy over classes, IGNORE excluded; with `balance` each class present weighs the same."""
+    per_px = nn.functional.cross_entropy(logits, label.long(), ignore_index=IGNORE, reduction="none")
+    known = label != IGNORE
+    if not balance:
+        return per_px[known].mean() if known.any() else per_px.sum() * 0
+    parts = [per_px[label == k].mean() for k in torch.unique(label[known]).tolist()]
+    return torch.stack(parts).mean() if parts else per_px.sum() * 0
+
+
+def jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-patch contrast and brightness changes of normalised images (B, C, H, W)."""
+    b = x.shape[0]
+    contrast = 1 + JITTER * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+    brightness = JITTER * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+    return x * contrast.to(x.device) + brightness.to(x.device)
+
+
+def evaluate_patches(
+    model: nn.Module,
+    patches: list[tuple[np.ndarray, ...]],
+    normalize: Normalize,
+    batch_size: int,
+    device: torch.device,
+    num_classes: int,
+) -> dict[str, float]:
+    """mmseg-style scores (mIoU, mDice …; foreground IoU/F1 for one object class) on validation patches."""
+    confusion = ConfusionMatrix(num_classes)
+    for i in range(0, len(patches), batch_size):
+        chunk = patches[i : i + batch_size]
+        x = normalize(torch.from_numpy(np.stack([c[0] for c in chunk])).to(device))
+        y = np.stack([c[1] for c in chunk])
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(x).float().argmax(1).cpu().numpy()
+        confusion.update(pred, np.where(y == IGNORE, 0, y), valid=y != IGNORE)
+    return confusion.metrics()
+
+
+def poly_with_warmup(total: int) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]:
+    """The configs' schedule: linear warm-up, then poly decay (power 1) to 0 over `total` steps."""
+    warmup = max(1, round(WARMUP_SHARE * total))
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / total)
+
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def recipe(
+    model: nn.Module,
+    areas: list[TrainingArea],
+    norm: dict[str, list[float]],
+    p: dict[str, Any],
+    device: str,
+    num_classes: int,
+) -> Recipe:
+    """WEFT's recipe on labelled areas (`p`: objects.finetune's parameters)."""
+    patch = p["patch_size"]
+    train_parts, val_parts = train_val_parts(areas, patch, p["val_fraction"])
+    sampler = LabelledPatchSampler(train_parts, patch, seed=SEED)
+    val = [x for part in val_parts for x in val_patches(part, patch)]
+    dev = torch.device(device)
+    normalize = normalizer(norm, dev)
+    generator = torch.Generator().manual_seed(SEED)
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return segmentation_loss(model(jitter(normalize(x), generator)).float(), y, p["balance_classes"])
+
+    def describe(m: dict[str, Any]) -> str:
+        words = f"mIoU {m['miou']:.3f}"
+        return words + (f", object IoU {m['iou']:.3f}, F1 {m['f1']:.3f}" if "iou" in m else "")
+
+    stage = Stage("adapter", "", p["epochs"], p["lr"], schedule=poly_with_warmup(p["epochs"] * p["steps_per_epoch"]))
+    return Recipe(
+        [stage],
+        sample=sampler.sample,
+        loss=loss,
+        validate=lambda m: evaluate_patches(m, val, normalize, p["batch_size"], dev, num_classes),
+        metric="miou",
+        describe=describe,
+        device=device,
+        **loop_settings(p),
+        seed=SEED,
+    )
