@@ -26,15 +26,17 @@ from rs_peft_qgis.layers import LayerError, aoi_from_selection, polygon_file, sa
 # Task id -> the fields an annotation layer of that task holds (name, "int" | "string").
 ANNOTATION_FIELDS: dict[str, list[tuple[str, str]]] = {
     "change": [("change", "int")],  # 1 = change, 0 = no change: change.finetune's label_field
-    "objects": [("class", "int")],
+    "objects": [("class", "string")],  # a name ("tank", "ship"): objects.finetune turns names into classes
     "landcover": [("class", "int"), ("class_name", "string")],
 }
 # Semantic change (change.finetune's mode "scd"): the classes before and after the change, as fields of the
 # annotation layer -> the fine-tune parameters that read them.
 SEMANTIC_FIELDS: dict[str, list[tuple[str, str]]] = {"change": [("from_class", "int"), ("to_class", "int")]}
 SEMANTIC_PARAMS: dict[str, str] = {"from_field": "from_class", "to_field": "to_class"}
-# Task id -> the field a fine-tune of that task reads its labels from.
+# Task id -> the field a fine-tune of that task reads its labels from, and its value for a polygon drawn without
+# editing its form (an expression): a positive label.
 LABEL_FIELD: dict[str, str] = {"change": "change", "objects": "class", "landcover": "class"}
+LABEL_DEFAULT: dict[str, str] = {"change": "1", "objects": "'object'", "landcover": "1"}
 NOTE_FIELD = "note"
 ANNOTATION_DIR_NAME = "rs_peft_annotations"
 _TITLES = {"change": "Change", "objects": "Object", "landcover": "Land-cover"}
@@ -136,8 +138,7 @@ def new_annotation_layer(
     if not layer.isValid():
         raise ValueError(f"The annotation file {path} was created but cannot be opened.")
     label_idx = layer.fields().indexOf(LABEL_FIELD[task])
-    # A polygon drawn without editing its form is a positive label ("change" / class 1).
-    layer.setDefaultValueDefinition(label_idx, QgsDefaultValue("1"))
+    layer.setDefaultValueDefinition(label_idx, QgsDefaultValue(LABEL_DEFAULT[task]))
     if task == "change":
         layer.setEditorWidgetSetup(
             label_idx, QgsEditorWidgetSetup("ValueMap", {"map": [{"Change": "1"}, {"No change": "0"}]})

@@ -20,6 +20,7 @@ from backend.io.raster import Grid
 from backend.protocol import INVALID_INPUT, JobError
 
 IGNORE = 255  # label value for pixels outside the AOI: never trained on, never scored
+BACKGROUND = "background"  # a class name that marks a polygon as class 0 (e.g. a rejected detection)
 
 
 @dataclass
@@ -41,7 +42,8 @@ def read_polygons(
     """Read (multi)polygons and their integer class from any OGR vector file, in target_crs.
 
     With `names`, a class field holding text ("tank", "ship") is allowed: its distinct values, sorted, become
-    classes 1 … K and `Polygons.names`; a field of whole numbers is read as class numbers either way."""
+    classes 1 … K and `Polygons.names`, and "background" is class 0; a field of whole numbers is read as class
+    numbers either way."""
     p = Path(path).expanduser()
     if not p.exists():
         raise JobError(
@@ -99,10 +101,12 @@ def read_polygons(
             "Draw at least one polygon (or check that the layer is a polygon layer).",
         )
     if names and not all(_whole(v) for v in raw):
-        classes = sorted({str(v).strip() for v in raw})
+        text = [str(v).strip() for v in raw]
+        classes = sorted({t for t in text if t.lower() != BACKGROUND})
         if len(classes) >= IGNORE:
             raise JobError(INVALID_INPUT, f"The class field '{class_field}' holds {len(classes)} different names.")
-        return Polygons(geoms, [classes.index(str(v).strip()) + 1 for v in raw], classes)
+        values = [0 if t.lower() == BACKGROUND else classes.index(t) + 1 for t in text]
+        return Polygons(geoms, values, classes)
     values = []
     for value in raw:
         if not _whole(value):

@@ -23,6 +23,10 @@ VERDICT_FIELD = "verdict"
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 LABEL_FIELD = "change"  # the exported labels: 1 = accepted change, 0 = rejected (no change)
+# … and for objects: the accepted polygon's class name, or "background" (objects.finetune reads it as class 0).
+CLASS_FIELD = "class"
+CLASS_NAME_FIELD = "class_name"  # of the polygons a map job writes
+BACKGROUND = "background"
 NOT_REVIEWED = "No change has been reviewed yet. Accept or reject some changes first, then export them as labels."
 
 
@@ -133,18 +137,23 @@ def set_verdict(layer: QgsVectorLayer, fid: int, verdict: str | None) -> None:
 
 
 def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None) -> tuple[int, int]:
-    """Write the reviewed polygons to a GeoPackage with `change` = 1 (accepted) / 0 (rejected): labels
-    for change.finetune with label_field="change". Returns (accepted, rejected)."""
+    """Write the reviewed polygons to a GeoPackage with `change` = 1 (accepted) / 0 (rejected), labels for
+    change.finetune with label_field="change", and `class` = the polygon's class name (accepted) or "background"
+    (rejected), labels for objects.finetune with label_field="class". Returns (accepted, rejected)."""
     if layer.fields().indexOf(VERDICT_FIELD) < 0:
         raise ValueError(NOT_REVIEWED)
     crs_text = layer.crs().authid()
     out = QgsVectorLayer(
-        f"MultiPolygon?field={LABEL_FIELD}:integer&field={VERDICT_FIELD}:string(16)", "reviewed labels", "memory"
+        f"MultiPolygon?field={LABEL_FIELD}:integer&field={CLASS_FIELD}:string(64)&field={VERDICT_FIELD}:string(16)",
+        "reviewed labels",
+        "memory",
     )
+    has_names = layer.fields().indexOf(CLASS_NAME_FIELD) >= 0
     out.setCrs(layer.crs())
     counts = {ACCEPTED: 0, REJECTED: 0}
     feats = []
-    request = QgsFeatureRequest().setSubsetOfAttributes([VERDICT_FIELD], layer.fields())
+    wanted = [VERDICT_FIELD, *([CLASS_NAME_FIELD] if has_names else [])]
+    request = QgsFeatureRequest().setSubsetOfAttributes(wanted, layer.fields())
     for feat in layer.getFeatures(request):
         verdict = feat[VERDICT_FIELD]
         if verdict not in counts or not feat.hasGeometry():
@@ -153,7 +162,8 @@ def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None) -> tuple[int, i
         geom.convertToMultiType()
         f = QgsFeature(out.fields())
         f.setGeometry(geom)
-        f.setAttributes([1 if verdict == ACCEPTED else 0, verdict])
+        name = (feat[CLASS_NAME_FIELD] if has_names else None) or "object"
+        f.setAttributes([1 if verdict == ACCEPTED else 0, name if verdict == ACCEPTED else BACKGROUND, verdict])
         feats.append(f)
         counts[verdict] += 1
     if not feats:
@@ -190,7 +200,7 @@ def export_labels(layer: QgsVectorLayer, path: Path) -> tuple[QgsVectorLayer, st
     apply_label_style(labels, "change")
     QgsProject.instance().addMapLayer(labels)
     message = (
-        f"Exported {accepted} accepted and {rejected} rejected changes to {path.name}. "
-        f"Use it as labels (field '{LABEL_FIELD}') for the next fine-tune."
+        f"Exported {accepted} accepted and {rejected} rejected polygons to {path.name}. "
+        f"Use it as labels for the next fine-tune (field '{LABEL_FIELD}' for change, '{CLASS_FIELD}' for objects)."
     )
     return labels, message

@@ -22,6 +22,7 @@ from backend.context import JobContext
 from backend.jobs import JOBS
 from backend.jobs.base import run_job
 from backend.protocol import JobError
+from backend.training.image_data import load_labelled_image
 
 SN4 = DATA / "spacenet4"
 PAN, FOOTPRINTS, MASK = SN4 / "pan.tif", SN4 / "geotiff_labels.geojson", SN4 / "fp_mask.tif"
@@ -168,3 +169,24 @@ def test_refusals_are_plain(buildings: tuple, library: Path, tmp_path: Path) -> 
     assert not (tmp_path / "o").exists()
     with pytest.raises(JobError, match="trained on the vit_tiny backbone"):
         run("objects.segment", image=str(PAN), adapter="buildings", out_dir=str(tmp_path / "o"), backbone="x")
+
+
+def test_class_names_become_classes_and_background_is_class_0(tmp_path: Path) -> None:
+    """Exported review labels: accepted objects keep their class name, rejected ones are 'background'."""
+    with rasterio.open(PAN) as src:
+        left, top = src.bounds.left, src.bounds.top
+
+    def square(x: float, y: float) -> dict:
+        ring = [[left + x, top - y], [left + x + 20, top - y], [left + x + 20, top - y - 20], [left + x, top - y - 20]]
+        return {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
+
+    path = tmp_path / "reviewed.gpkg"
+    schema = {"geometry": "Polygon", "properties": {"class": "str"}}
+    with fiona.open(path, "w", driver="GPKG", crs="EPSG:32616", schema=schema) as out:
+        for i, name in enumerate(("tank", "background", "ship", "tank", "Background")):
+            out.write({"geometry": square(40 * i, 40), "properties": {"class": name}})
+    area, names = load_labelled_image(str(PAN), str(path), bands=[1, 1, 1], label_field="class")
+    assert names == ["ship", "tank"]
+    # Pixel (row, col) inside each square: 40 m down, 40·i + 10 m right, 0.5 m pixels.
+    values = [int(area.label[100, (40 * i + 10) * 2]) for i in range(5)]
+    assert values == [2, 0, 1, 2, 0]

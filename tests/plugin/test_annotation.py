@@ -19,6 +19,7 @@ from qgis.core import (
 
 from rs_peft_qgis.annotation import (
     ANNOTATION_FIELDS,
+    LABEL_DEFAULT,
     LABEL_FIELD,
     default_annotation_dir,
     new_annotation_layer,
@@ -89,9 +90,12 @@ def test_other_tasks_get_their_class_fields(qgis_new_project, tmp_path, task) ->
         assert _file(layer).name.startswith("my_labels_")
         assert layer.fields().names()[1:] == [n for n, _ in ANNOTATION_FIELDS[task]] + ["note"]
         idx = layer.fields().indexOf(LABEL_FIELD[task])
-        assert layer.defaultValueDefinition(idx).expression() == "1"
         kinds = {f.name(): f.isNumeric() for f in layer.fields()}
-        assert kinds["class"] is True and kinds["note"] is False
+        if task == "objects":  # object classes are names ("tank"); a polygon drawn as it is, an "object"
+            assert layer.defaultValueDefinition(idx).expression() == "'object'" and kinds["class"] is False
+        else:
+            assert layer.defaultValueDefinition(idx).expression() == "1" and kinds["class"] is True
+        assert kinds["note"] is False
         if task == "landcover":
             assert kinds["class_name"] is False
     finally:
@@ -155,8 +159,9 @@ def test_selected_polygons_become_the_area_of_interest(qgis_new_project, tmp_pat
         _cleanup(qgis_new_project, layer)
 
 
-def test_every_task_labels_an_integer_field() -> None:
-    # The dock builds fine-tune parameters from this table: the label field must be an int field of the layer.
-    assert set(ANNOTATION_FIELDS) == set(LABEL_FIELD)
+def test_every_task_labels_a_field_of_its_layer() -> None:
+    # The dock builds fine-tune parameters from this table: the label field must be a field of the layer, an
+    # integer one except for objects, whose classes are names.
+    assert set(ANNOTATION_FIELDS) == set(LABEL_FIELD) == set(LABEL_DEFAULT)
     for task, field in LABEL_FIELD.items():
-        assert (field, "int") in ANNOTATION_FIELDS[task]
+        assert (field, "string" if task == "objects" else "int") in ANNOTATION_FIELDS[task]

@@ -108,6 +108,28 @@ def test_any_polygon_layer_falls_back_to_the_geometry_area(qgis_new_project) -> 
     assert layer.getFeature(fids[0])[VERDICT_FIELD] == "accepted"
 
 
+def test_object_verdicts_export_their_class_names_or_background(qgis_new_project, tmp_path) -> None:
+    """Polygons of objects.segment carry `class_name`: accepted ones keep it in the labels' `class` field, rejected
+    ones become "background", which objects.finetune reads as class 0 (a known non-object)."""
+    layer = QgsVectorLayer("Polygon?crs=EPSG:32633&field=class:integer&field=class_name:string", "objects", "memory")
+    feats = []
+    for i, name in enumerate(("tank", "ship", "tank")):
+        f = QgsFeature(layer.fields())
+        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(500_000 + 100 * i, 4_000_000, 500_050 + 100 * i, 4_000_050)))
+        f.setAttributes([1 + (name == "ship"), name])
+        feats.append(f)
+    layer.dataProvider().addFeatures(feats)
+    a, b, c = ordered_changes(layer)
+    set_verdict(layer, a, "accepted")
+    set_verdict(layer, b, "accepted")
+    set_verdict(layer, c, "rejected")
+    assert export_verdicts(layer, tmp_path / "objects.gpkg") == (2, 1)
+    labels = QgsVectorLayer(str(tmp_path / "objects.gpkg"), "labels", "ogr")
+    got = sorted((f["class"], f["change"]) for f in labels.getFeatures())
+    names = sorted(layer.getFeature(fid)["class_name"] for fid in (a, b))
+    assert got == sorted([("background", 0), *((n, 1) for n in names)])
+
+
 def test_verdicts_are_written_to_the_file(changes_layer) -> None:
     a, b, c = ordered_changes(changes_layer)[:3]
     assert changes_layer.fields().indexOf(VERDICT_FIELD) < 0
