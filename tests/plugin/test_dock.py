@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import FAST_FINETUNE, JOB_TIMEOUT_MS, levir
+from conftest import FAST_FINETUNE, JOB_TIMEOUT_MS, ROOT, levir
 from pytest_qgis.utils import wait_until
 from qgis.core import (
     Qgis,
@@ -546,6 +546,61 @@ def test_semantic_change_annotation_has_from_to_fields_and_trains_scd(dock, qgis
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
     assert "val_miou" in task.outcome["metrics"]
+    layer.rollBack()
+    QgsProject.instance().setFileName("")
+
+
+def test_objects_annotate_finetune_segment_and_inspect_from_the_dock(dock, qgis_iface, tmp_path) -> None:
+    """The object-segmentation task round trip on a real SpaceNet-4 scene: outline two kinds of object in an
+    annotation layer, fine-tune WEFT (miniature encoder) on the selection, segment, and review the objects."""
+    image = add_raster(ROOT / "tests" / "data" / "spacenet4" / "pan.tif", "spacenet-4 pan")
+    QgsProject.instance().setCrs(image.crs())
+    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
+    dock.run_tab.set_job("objects.finetune")
+    finetune = dock.run_tab.form
+    finetune.set_value("image", image)
+    fast = {**FAST_FINETUNE, "backbone": "vit_tiny", "patch_size": 128}
+    for name, value in {**fast, "adapter_name": "dock-objects", "overwrite": True}.items():
+        finetune.set_value(name, value)
+    layer = dock.annotate_tab.new_annotation_layer()
+    assert layer is not None and "class" in layer.fields().names()
+    full = image.extent()
+    w, h = full.width(), full.height()
+    boxes = (((0.1, 0.1, 0.2, 0.2), "house"), ((0.5, 0.5, 0.6, 0.6), "shed"), ((0.7, 0.2, 0.8, 0.3), "house"))
+    for (x0, y0, x1, y1), kind in boxes:
+        f = QgsFeature(layer.fields())
+        rect = QgsRectangle(
+            full.xMinimum() + x0 * w, full.yMinimum() + y0 * h, full.xMinimum() + x1 * w, full.yMinimum() + y1 * h
+        )
+        f.setGeometry(QgsGeometry.fromRect(rect))
+        f["class"] = kind
+        assert layer.addFeature(f)
+    area = QgsVectorLayer(f"Polygon?crs={image.crs().authid()}", "training area", "memory")
+    f = QgsFeature(area.fields())
+    f.setGeometry(QgsGeometry.fromRect(full))
+    area.dataProvider().addFeatures([f])
+    QgsProject.instance().addMapLayer(area)
+    area.selectAll()
+    dock.annotate_tab.area_combo.setLayer(area)
+    task = dock.annotate_tab.finetune_on_selection()
+    assert task is not None, dock.run_tab.message.text()
+    assert task.params["label_field"] == "class" and Path(task.params["aoi"]).is_file()
+    wait_done(dock)
+    assert task.outcome["status"] == "finished", task.outcome
+    assert dock.run_tab.epoch_table.rowCount() == FAST_FINETUNE["epochs"]
+    # "Apply now" opens the segment action with the new adapter and the image.
+    dock.runner.apply_now("objects.segment", "dock-objects")
+    assert dock.run_tab.job.name == "objects.segment" and dock.run_tab.form.value("image") is image
+    dock.run_tab.form.set_value("out_dir", str(tmp_path / "results"))
+    dock.run_tab.form.set_value("threshold", 0.3)
+    segment = dock.runner.run()
+    assert segment is not None, dock.run_tab.message.text()
+    wait_done(dock)
+    assert segment.outcome["status"] == "finished", segment.outcome
+    names = {layer.name() for layer in dock.runner.last_layers}
+    assert names == {"segment object probability", "segment object mask", "segment object classes", "segment objects"}
+    if dock.inspect_tab.inspector is not None:  # the objects go to the Inspect tab for review
+        assert dock.inspect_tab.inspector.layer.name() == "segment objects"
     layer.rollBack()
     QgsProject.instance().setFileName("")
 
