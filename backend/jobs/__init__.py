@@ -6,13 +6,23 @@ RS_PEFT_QGIS_METHODS) adds its generic `<task>.finetune` and `<task>.<apply verb
 
 from __future__ import annotations
 
-from backend.jobs import apply, change_cva, change_evaluate, finetune, models, pansharpen_classic, pansharpen_evaluate
+from backend.jobs import (
+    apply,
+    change_cva,
+    change_evaluate,
+    finetune,
+    models,
+    objects_evaluate,
+    pansharpen_classic,
+    pansharpen_evaluate,
+)
 from backend.jobs.base import JobSpec
 from backend.methods.spec import discover
 
 CLASSIC: tuple[JobSpec, ...] = (
     change_cva.SPEC,
     change_evaluate.SPEC,
+    objects_evaluate.SPEC,
     pansharpen_classic.SPEC,
     pansharpen_evaluate.SPEC,
 )
