@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from backend.methods.weft import WEFT, MSDeformAttn, WaveletExperts, WTConv2d, block_groups, ms_deform_attn
 from backend.methods.weft.adapter import TEW
 from backend.methods.weft.wavelet import dwt, haar_filters, idwt
-from backend.models.backbones import vit
+from backend.models.backbones import tiny_vit, vit
 
 
 def tiny_weft(**kwargs: object) -> WEFT:
     torch.manual_seed(0)
     return WEFT(vit.build("tiny", depth=4), **kwargs).eval()
+
+
+def tiny_vit_weft(**kwargs: object) -> WEFT:
+    torch.manual_seed(0)
+    return WEFT(tiny_vit.build("tiny"), **kwargs).eval()
 
 
 def test_haar_transform_equals_pywavelets_and_inverts_exactly() -> None:
@@ -107,7 +112,7 @@ def test_the_adapter_is_an_exact_no_op_at_initialisation() -> None:
     with torch.no_grad():
         outs, *_ = model.interact(x)
         _, alone = model.backbone.run_blocks(model.backbone.embed(x))
-    ends = [group[-1] for group in model.groups]
+    ends = [group[-1] for group in model.stages.groups]
     for out, end in zip(outs, ends, strict=True):
         assert torch.equal(out.flatten(2).transpose(1, 2), alone[end])
     # And after a training step that moved γ, they differ.
@@ -118,8 +123,9 @@ def test_the_adapter_is_an_exact_no_op_at_initialisation() -> None:
     assert not torch.equal(moved[0].flatten(2).transpose(1, 2), alone[ends[0]])
 
 
-def test_only_weft_modules_fusion_norms_and_head_train_and_all_get_gradients() -> None:
-    model = tiny_weft()
+@pytest.mark.parametrize("build", [tiny_weft, tiny_vit_weft], ids=["vit", "tiny_vit"])
+def test_only_weft_modules_fusion_norms_and_head_train_and_all_get_gradients(build) -> None:
+    model = build()
     model.train()
     with torch.no_grad():  # move γ off zero so that every injector weight is on the gradient path
         for interaction in model.interactions:
@@ -133,15 +139,31 @@ def test_only_weft_modules_fusion_norms_and_head_train_and_all_get_gradients() -
             assert p.requires_grad and p.grad is not None, name
     assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("interactions.0.injector"))
     assert all(
-        k.startswith(("extractor.", "interactions.", "fusion_norms.", "head.")) for k in model.adapter_state_dict()
+        k.startswith(("extractor.", "interactions.", "out_proj.", "fusion_norms.", "head."))
+        for k in model.adapter_state_dict()
     )
 
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 64), (70, 100), (33, 47)])
-def test_any_input_size_gives_logits_of_that_size(size: tuple[int, int]) -> None:
-    model = tiny_weft(num_classes=3)
+@pytest.mark.parametrize("build", [tiny_weft, tiny_vit_weft], ids=["vit", "tiny_vit"])
+def test_any_input_size_gives_logits_of_that_size(build, size: tuple[int, int]) -> None:
+    model = build(num_classes=3)
     with torch.no_grad():
         assert model(torch.randn(1, 3, *size)).shape == (1, 3, *size)
+
+
+def test_on_mobilesam_tinyvit_the_adapter_is_a_no_op_at_initialisation_too() -> None:
+    """One interaction before each transformer stage: with γ = 0 every stage's output is the frozen encoder's."""
+    model = tiny_vit_weft()
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        outs, *_ = model.interact(x)
+        alone = model.backbone.forward_features(x).blocks
+    depths = model.backbone.config.depths
+    ends = [sum(depths[: s + 1]) - 1 for s in (1, 2, 3)]
+    for out, end in zip(outs, ends, strict=True):
+        assert torch.equal(out, alone[end].permute(0, 3, 1, 2))
+    assert [type(p).__name__ for p in model.out_proj] == ["Conv2d", "Conv2d", "Conv2d"]
 
 
 def test_block_groups_follow_the_papers_interactions() -> None:

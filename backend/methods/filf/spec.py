@@ -42,10 +42,11 @@ from backend.params import (
 from backend.protocol import INVALID_INPUT, JobError
 from backend.training.areas import TrainingArea
 from backend.training.change_data import SemanticLabels, load_training_area
+from backend.training.normalize import normalizer
 
 from .model import build_filf
 from .outputs import CLASSES_OUTPUT, SemanticChangeOutputs
-from .training import normalization, normalizer, recipe
+from .training import normalization, recipe
 
 METHOD = "filf"
 # change.detect's default tiling: tiles of up to 512 overlapping by 64, fitted to the scene (fitted_tile), read

@@ -11,24 +11,23 @@ and measured in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from backend import weights
 from backend.io.rasterize import IGNORE
 from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
 from backend.training.areas import TrainingArea, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
+from backend.training.normalize import Normalize, normalizer
+from backend.training.normalize import normalization as shared_normalization
 from backend.training.samplers import LabelledPatchSampler
 
 from .decoder import FourierUnit, SCDOutput
 
 SEED = 32767  # the official seed
-Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
 def change_loss(logits: torch.Tensor, label: torch.Tensor, balance: bool = False) -> torch.Tensor:
@@ -80,20 +79,9 @@ def semantic_maps(out: SCDOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
-    """The encoder's own normalisation (from the weights registry) for 8-bit data with its band count, else
-    per-band statistics of the labelled areas."""
-    spec = weights.backbone_info(backbone).input
-    bands = areas[0].images[0].shape[0]
-    if dtype == np.uint8 and bands == len(spec.get("mean", ())):
-        return {"mean": list(spec["mean"]), "std": list(spec["std"])}
-    both = np.concatenate([x[:, a.label != IGNORE] for a in areas for x in a.images], axis=1)
-    return {"mean": both.mean(1).tolist(), "std": np.maximum(both.std(1), 1e-6).tolist()}
-
-
-def normalizer(norm: dict[str, list[float]], device: torch.device) -> Normalize:
-    mean = torch.tensor(norm["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(norm["std"], device=device).view(1, -1, 1, 1)
-    return lambda x: (x - mean) / std
+    """The normalisation over both dates' labelled pixels (backend/training/normalize.py)."""
+    pixels = np.concatenate([x[:, a.label != IGNORE] for a in areas for x in a.images], axis=1)
+    return shared_normalization(pixels, backbone, dtype)
 
 
 # Thresholds tried on the validation patches; the one with the best change F1 is kept in the adapter.

@@ -5,8 +5,9 @@ from .adapter import ECTR, TEW, Extractor, Injector, Interaction
 from .deform_attn import MSDeformAttn, ms_deform_attn
 from .extractor import WaveletExpert, WaveletExpertExtractor, WaveletExperts
 from .head import FPNHead
-from .model import WEFT, block_groups
+from .model import WEFT
 from .spec import SPEC  # registers the method
+from .stages import TinyViTStages, ViTStages, block_groups, stages_of
 from .wavelet import WTConv2d, haar_filters
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "Injector",
     "Interaction",
     "MSDeformAttn",
+    "TinyViTStages",
+    "ViTStages",
     "WTConv2d",
     "WaveletExpert",
     "WaveletExpertExtractor",
@@ -26,4 +29,5 @@ __all__ = [
     "block_groups",
     "haar_filters",
     "ms_deform_attn",
+    "stages_of",
 ]

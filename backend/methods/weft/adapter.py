@@ -90,11 +90,13 @@ class TEW(nn.Module):
 class Injector(nn.Module):
     """x ← x + γ ⊙ ECTR(MSDeformAttn(LN(x), LN(c))), γ initialised to 0: the adapter starts as an exact no-op."""
 
-    def __init__(self, dim: int, heads: int, points: int = 4, value_ratio: float = 0.5) -> None:
+    def __init__(
+        self, dim: int, heads: int, points: int = 4, value_ratio: float = 0.5, feat_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.query_norm = nn.LayerNorm(dim)
-        self.feat_norm = nn.LayerNorm(dim)
-        self.attn = MSDeformAttn(dim, heads, levels=3, points=points, value_ratio=value_ratio)
+        self.feat_norm = nn.LayerNorm(feat_dim or dim)
+        self.attn = MSDeformAttn(dim, heads, levels=3, points=points, value_ratio=value_ratio, value_dim=feat_dim)
         self.ectr = ECTR()
         self.gamma = nn.Parameter(torch.zeros(dim))
 
@@ -124,26 +126,24 @@ class Extractor(nn.Module):
 
 
 class Interaction(nn.Module):
-    """One injector → frozen ViT block group → extractor step (the last one has two extra extractors)."""
+    """One injector (into the backbone tokens of width `dim`) and extractor (on the wavelet tokens of width
+    `feat_dim`) around a group of frozen blocks; the last interaction has two extra extractors."""
 
-    def __init__(self, dim: int, heads: int, extra_extractors: int = 0, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, feat_dim: int, extra_extractors: int = 0, drop_path_rate: float = 0.0
+    ) -> None:
         super().__init__()
-        self.injector = Injector(dim, heads)
-        self.extractor = Extractor(dim, drop_path_rate=drop_path_rate)
-        self.extra = nn.ModuleList(Extractor(dim, drop_path_rate=drop_path_rate) for _ in range(extra_extractors))
+        self.injector = Injector(dim, heads, feat_dim=feat_dim)
+        self.extractor = Extractor(feat_dim, drop_path_rate=drop_path_rate)
+        self.extra = nn.ModuleList(Extractor(feat_dim, drop_path_rate=drop_path_rate) for _ in range(extra_extractors))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor,
-        blocks: nn.ModuleList | list[nn.Module],
-        reference: torch.Tensor,
-        grids: list[tuple[int, int]],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.injector(x, reference, c, grids)
-        for block in blocks:
-            x = block(x)
+    def inject(
+        self, x: torch.Tensor, reference: torch.Tensor, c: torch.Tensor, grids: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        return self.injector(x, reference, c, grids)
+
+    def extract(self, c: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         c = self.extractor(c, grids)
         for extractor in self.extra:
             c = extractor(c, grids)
-        return x, c
+        return c

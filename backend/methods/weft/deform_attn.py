@@ -34,12 +34,15 @@ def ms_deform_attn(
 class MSDeformAttn(nn.Module):
     """Queries (B, Q, dim) attend to `points` sampled per head and level around their reference points.
 
-    `value_ratio` shrinks the value projection (WEFT's injector: 0.5, i.e. 1024 -> 512 -> 1024). Offsets start
+    `value_ratio` shrinks the value projection (WEFT's injector: 0.5, i.e. 1024 -> 512 -> 1024); `value_dim` is the
+    values' width when it differs from the queries' (a hierarchical backbone's stages). Offsets start
     on a ring of directions (one per head) scaled by the point index, attention weights start uniform, as in
     Deformable DETR. The official repository's unused `cosine_weights` layer is not built.
     """
 
-    def __init__(self, dim: int, heads: int, levels: int, points: int, value_ratio: float = 1.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, levels: int, points: int, value_ratio: float = 1.0, value_dim: int | None = None
+    ) -> None:
         super().__init__()
         inner = int(dim * value_ratio)
         if inner % heads:
@@ -47,7 +50,7 @@ class MSDeformAttn(nn.Module):
         self.heads, self.levels, self.points = heads, levels, points
         self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
         self.attention_weights = nn.Linear(dim, heads * levels * points)
-        self.value_proj = nn.Linear(dim, inner)
+        self.value_proj = nn.Linear(value_dim or dim, inner)
         self.output_proj = nn.Linear(inner, dim)
         self.reset_parameters()
 
@@ -69,7 +72,7 @@ class MSDeformAttn(nn.Module):
     def forward(
         self, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor, shapes: list[tuple[int, int]]
     ) -> torch.Tensor:
-        """query (B, Q, dim); reference (B, Q, 2) as (x, y) in [0, 1]; value (B, S, dim) over `shapes`."""
+        """query (B, Q, dim); reference (B, Q, 2) as (x, y) in [0, 1]; value (B, S, value_dim) over `shapes`."""
         b, q, _ = query.shape
         v = self.value_proj(value).reshape(b, value.shape[1], self.heads, -1)
         offsets = self.sampling_offsets(query).reshape(b, q, self.heads, self.levels, self.points, 2)

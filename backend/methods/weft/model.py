@@ -1,6 +1,6 @@
-"""The WEFT model (methods.md §1): a frozen plain ViT, the wavelet expert extractor, four interactions of the
-expert-guided conditional adapter over equal groups of ViT blocks, the output assembly into four levels, and a
-segmentation head."""
+"""The WEFT model (methods.md §1): a frozen backbone, the wavelet expert extractor, the expert-guided conditional
+adapter's interactions around the backbone's block groups (backend/methods/weft/stages.py), the output assembly
+into four levels, and a segmentation head."""
 
 from __future__ import annotations
 
@@ -10,27 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend.models.backbones.vit import UniPerceiverViT
 from backend.models.peft.freeze import FreezePolicy, apply_freezing
 from backend.models.peft.state import AdapterState
 
 from .adapter import Interaction
 from .extractor import WaveletExpertExtractor
 from .head import FPNHead
+from .stages import stages_of
 
-INTERACTIONS = 4
 EXTRA_EXTRACTORS = 2  # after the last interaction
 MULTIPLE = 32  # TEW splits the wavelet tokens into 1/8, 1/16 and 1/32 maps: sides must divide by 32
+HIERARCHICAL_WIDTH = 256  # the wavelet tokens' width on a hierarchical backbone (MobileSAM's neck width)
 
-# Everything of WEFT trains; the ViT (its norms included) stays frozen, as in the code's base class.
-POLICY = FreezePolicy(adapters=False, trainable=("extractor.*", "interactions.*", "fusion_norms.*", "head.*"))
-
-
-def block_groups(depth: int, groups: int = INTERACTIONS) -> list[range]:
-    """Equal consecutive groups of block indexes (24 blocks: 0-5, 6-11, 12-17, 18-23); fewer for shallow ViTs."""
-    n = min(groups, depth)
-    bounds = [round(i * depth / n) for i in range(n + 1)]
-    return [range(bounds[i], bounds[i + 1]) for i in range(n)]
+# Everything of WEFT trains; the backbone (its norms included) stays frozen, as in the code's base class.
+POLICY = FreezePolicy(
+    adapters=False, trainable=("extractor.*", "interactions.*", "out_proj.*", "fusion_norms.*", "head.*")
+)
 
 
 def token_centres(grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -48,55 +43,59 @@ class WEFT(AdapterState, nn.Module):
     """forward(image (B, C, H, W), any size) -> per-pixel logits (B, num_classes, H, W), class 0 = background.
 
     The image is padded (edge replication) to sides divisible by 32 and the logits cropped back. At
-    initialisation every γ is 0, so the ViT tokens are exactly those of the frozen backbone alone.
+    initialisation every γ is 0, so the backbone's tokens are exactly those of the frozen backbone alone. On a
+    plain ViT the wavelet tokens have the ViT's width (the paper); on MobileSAM's TinyViT they are 256 wide and
+    each stage's output is projected to it (`out_proj`, identities on a ViT).
     """
 
-    def __init__(self, backbone: UniPerceiverViT, num_classes: int = 2, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int = 2, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        config = backbone.config
-        dim = config.embed_dim
         self.backbone = backbone
-        self.extractor = WaveletExpertExtractor(dim, in_chans=config.in_chans)
-        self.groups = block_groups(config.depth)
-        last = len(self.groups) - 1
+        self.stages = stages_of(backbone)
+        dims = self.stages.dims
+        dim = dims[0] if len(set(dims)) == 1 else HIERARCHICAL_WIDTH
+        self.extractor = WaveletExpertExtractor(dim, in_chans=backbone.config.in_chans)
+        last = len(dims) - 1
         self.interactions = nn.ModuleList(
-            Interaction(dim, config.num_heads, EXTRA_EXTRACTORS if i == last else 0, drop_path_rate)
-            for i in range(len(self.groups))
+            Interaction(d, heads, dim, EXTRA_EXTRACTORS if i == last else 0, drop_path_rate)
+            for i, (d, heads) in enumerate(zip(dims, self.stages.heads, strict=True))
         )
+        self.out_proj = nn.ModuleList(nn.Identity() if d == dim else nn.Conv2d(d, dim, 1) for d in dims)
         self.fusion_norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(4))
         self.head = FPNHead(dim, num_classes)
         apply_freezing(self, POLICY)
 
     def interact(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-        """The interactions: the ViT output after each block group as a map (B, dim, h, w), and the wavelet
-        features (c1 map, c tokens, the grids of c's three levels)."""
+        """The interactions: the backbone's output after each block group as a map (B, width, h, w), and the
+        wavelet features (c1 map, c tokens, the grids of c's three levels)."""
         c1, c, grids = self.extractor(x)
-        tokens = self.backbone.embed(x)
-        b, _, dim = tokens.shape
-        patch = self.backbone.config.patch_size
-        vit_grid = (x.shape[-2] // patch, x.shape[-1] // patch)
-        reference = token_centres(vit_grid, x.device, tokens.dtype).expand(b, -1, -1)
+        tokens, grid = self.stages.embed(x)
         outs = []
-        for interaction, group in zip(self.interactions, self.groups, strict=True):
-            tokens, c = interaction(tokens, c, [self.backbone.blocks[i] for i in group], reference, grids)
-            outs.append(tokens.transpose(1, 2).reshape(b, dim, *vit_grid))
+        for i, interaction in enumerate(self.interactions):
+            reference = token_centres(grid, x.device, tokens.dtype).expand(tokens.shape[0], -1, -1)
+            tokens = interaction.inject(tokens, reference, c, grids)
+            out, tokens, grid = self.stages.run(i, tokens, grid)
+            c = interaction.extract(c, grids)
+            outs.append(out)
         return outs, c1, c, grids
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The four fused levels f1 … f4 (1/4, 1/8, 1/16, 1/32), each (B, dim, h, w); sides divisible by 32.
+        """The four fused levels f1 … f4 (1/4, 1/8, 1/16, 1/32), each (B, width, h, w); sides divisible by 32.
 
         f1 = c1 + up(c2) + up(x1), f2 = c2 + up(x2), f3 = c3 + x3, f4 = c4 + down(x4) (bilinear resizing of the
-        ViT maps, which sit at 1/16 for a patch-16 ViT), each through its own BatchNorm."""
+        backbone's maps, which sit at 1/16 for a patch-16 ViT), each through its own BatchNorm; a backbone with
+        fewer interactions lends its last output to the remaining levels."""
         outs, c1, c, grids = self.interact(x)
+        outs = [proj(out) for proj, out in zip(self.out_proj, outs, strict=True)]
         b, _, dim = c.shape
-        outs += [outs[-1]] * (4 - len(outs))  # a shallow test ViT: its last output stands for missing groups
+        outs += [outs[-1]] * (4 - len(outs))
         c2, c3, c4 = (
             part.transpose(1, 2).reshape(b, dim, *grid)
             for part, grid in zip(c.split([h * w for h, w in grids], dim=1), grids, strict=True)
         )
         fused = []
-        for i, (level, vit) in enumerate(zip((c1, c2, c3, c4), outs, strict=True)):
-            f = level + F.interpolate(vit, size=level.shape[-2:], mode="bilinear", align_corners=False)
+        for i, (level, out) in enumerate(zip((c1, c2, c3, c4), outs, strict=True)):
+            f = level + F.interpolate(out, size=level.shape[-2:], mode="bilinear", align_corners=False)
             if i == 0:
                 f = f + F.interpolate(c2, size=level.shape[-2:], mode="bilinear", align_corners=False)
             fused.append(self.fusion_norms[i](f))

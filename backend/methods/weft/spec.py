@@ -17,7 +17,7 @@ from backend.io.maps import MapOutputs, stack_reader
 from backend.io.raster import RasterSource
 from backend.io.rasterize import restrict_to_aoi
 from backend.methods.spec import RANDOM_BACKBONE_SEED, Application, MethodSpec, Training, register
-from backend.models.backbones import vit
+from backend.models.backbones import tiny_vit, vit
 from backend.models.backbones.loading import read_checkpoint
 from backend.params import (
     AOI,
@@ -38,12 +38,14 @@ from backend.params import (
 )
 from backend.protocol import INVALID_INPUT, JobError
 from backend.training.image_data import load_labelled_image
+from backend.training.normalize import normalizer
 
 from .model import WEFT
 from .outputs import CLASSES_OUTPUT, OBJECTS, ObjectClassesOutputs, object_style
-from .training import normalization, normalizer, recipe
+from .training import normalization, recipe
 
 METHOD = "weft"
+FAMILIES = {"vit": vit, "tiny_vit": tiny_vit}
 SEGMENT_TILE, SEGMENT_OVERLAP = 512, 64  # the paper slides 512² windows by 426 (an overlap of 86)
 
 IMAGE = Param("image", str, "Raster to segment: three bands (or one, used as grey).", required=True, kind="raster")
@@ -70,7 +72,8 @@ FINETUNE_PARAMS = (
     Param(
         "drop_path",
         float,
-        "Stochastic depth of the frozen ViT blocks and the adapter's extractors (the paper's 0.4).",
+        "Stochastic depth of the frozen ViT blocks and the adapter's extractors (the paper's 0.4; MobileSAM's "
+        "blocks have none).",
         default=0.4,
         minimum=0.0,
         maximum=0.9,
@@ -131,12 +134,17 @@ def choose_bands(image: str, bands: list[int] | None, ctx: JobContext) -> list[i
 
 
 def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[str, str | None]) -> nn.Module:
-    """WEFT on the named ViT: official weights when its checkpoint path is known, else a seeded random init."""
+    """WEFT on the named backbone (a plain ViT, or MobileSAM's TinyViT): official weights when its checkpoint
+    path is known, else a seeded random init."""
     torch.manual_seed(RANDOM_BACKBONE_SEED)
-    encoder = vit.build(weights.backbone_info(backbone).variant, drop_path_rate=config["drop_path"])
+    info = weights.backbone_info(backbone)
+    if info.family == "vit":  # the frozen ViT blocks keep the paper's stochastic depth
+        encoder: nn.Module = vit.build(info.variant, drop_path_rate=config["drop_path"])
+    else:
+        encoder = tiny_vit.build(info.variant)
     path = checkpoints.get(backbone)
     if path:
-        vit.load_official(encoder, read_checkpoint(path))
+        FAMILIES[info.family].load_official(encoder, read_checkpoint(path))
     return WEFT(encoder, num_classes=config["num_classes"], drop_path_rate=config["drop_path"])
 
 
@@ -148,7 +156,7 @@ def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
     area, names = load_labelled_image(p["image"], p["labels"], p["aoi"], bands, p["label_field"], ctx.warnings)
     with RasterSource(p["image"], bands) as src:
         dtype = src.dtype
-    norm = normalization([area])
+    norm = normalization([area], p["backbone"], dtype)
     classes = ["background", *names]
     config = {"num_classes": len(classes), "patch_size": p["patch_size"], "drop_path": p["drop_path"]}
     return Training(
@@ -205,8 +213,10 @@ SPEC = register(
         name=METHOD,
         task="objects",
         title="WEFT",
-        backbones={"uniperceiver_vit_l": ("uniperceiver_vit_l",), "vit_tiny": ("vit_tiny",)},
-        default_backbone="uniperceiver_vit_l",
+        # The paper's Uni-Perceiver ViT-L; MobileSAM's TinyViT, which set-up installs, is the default so that an
+        # analyst without downloads gets real pretrained features; the miniatures are for tests.
+        backbones={name: (name,) for name in ("mobile_sam", "uniperceiver_vit_l", "vit_tiny", "tiny_vit_tiny")},
+        default_backbone="mobile_sam",
         build=build,
         finetune_summary="Fine-tune a WEFT object-segmentation adapter on your object outlines.",
         finetune_params=FINETUNE_PARAMS,

@@ -1,6 +1,7 @@
 """WEFT's fine-tuning recipe on the shared training loop (methods.md §1.3, departures below).
 
-Per-band normalisation by the labelled area's own statistics (the paper normalises per dataset), patches
+The encoder's own normalisation for 8-bit RGB, else the labelled area's own statistics (the paper normalises
+per dataset), patches
 sampled inside the labelled area with every other one holding an object, flips and 90° turns plus a photometric
 jitter (brightness and contrast per patch, in the spirit of PhotoMetricDistortion), validation on a held-out part
 of the area, the best epoch by mIoU as the official configs keep it. Departures for a few hundred steps on the
@@ -21,24 +22,19 @@ from backend.io.rasterize import IGNORE
 from backend.metrics.segmentation import ConfusionMatrix
 from backend.training.areas import TrainingArea, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
+from backend.training.normalize import Normalize, normalizer
+from backend.training.normalize import normalization as shared_normalization
 from backend.training.samplers import LabelledPatchSampler
 
 SEED = 2024  # the official seed
 WARMUP_SHARE = 0.02  # the configs' 1,500 warm-up iterations of 80,000
 JITTER = 0.2  # photometric jitter: contrast × U(1 ± 0.2), brightness + U(± 0.2) in normalised units
-Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
-def normalization(areas: list[TrainingArea]) -> dict[str, list[float]]:
-    """Per-band mean and std over the labelled pixels of the areas."""
+def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
+    """The normalisation over the labelled pixels (backend/training/normalize.py)."""
     pixels = np.concatenate([a.images[0][:, a.label != IGNORE] for a in areas], axis=1)
-    return {"mean": pixels.mean(1).tolist(), "std": np.maximum(pixels.std(1), 1e-6).tolist()}
-
-
-def normalizer(norm: dict[str, list[float]], device: torch.device) -> Normalize:
-    mean = torch.tensor(norm["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(norm["std"], device=device).view(1, -1, 1, 1)
-    return lambda x: (x - mean) / std
+    return shared_normalization(pixels, backbone, dtype)
 
 
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, balance: bool = True) -> torch.Tensor:
