@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +38,7 @@ from backend.params import (
     Param,
 )
 from backend.protocol import INVALID_INPUT, JobError
+from backend.training.areas import TrainingArea
 from backend.training.image_data import load_labelled_image
 from backend.training.normalize import normalizer
 
@@ -156,17 +158,26 @@ def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
     area, names = load_labelled_image(p["image"], p["labels"], p["aoi"], bands, p["label_field"], ctx.warnings)
     with RasterSource(p["image"], bands) as src:
         dtype = src.dtype
-    norm = normalization([area], p["backbone"], dtype)
+    return training_on([area], names, dtype, bands, p)
+
+
+def training_on(
+    areas: list[TrainingArea], names: list[str], dtype: np.dtype, bands: list[int], p: dict[str, Any]
+) -> Training:
+    """Fine-tuning on one or more labelled areas of object classes `names` (several areas: whole areas are held
+    out for validation, as the held-out benchmark does with several images)."""
+    norm = normalization(areas, p["backbone"], dtype)
     classes = ["background", *names]
     config = {"num_classes": len(classes), "patch_size": p["patch_size"], "drop_path": p["drop_path"]}
     return Training(
         bands=bands,
         dtype=dtype,
         normalization=norm,
-        grid=area.grid,
+        grid=areas[0].grid,
         config=config,
-        recipe=lambda model, device: recipe(model, [area], norm, p, device, len(classes)),
+        recipe=lambda model, device: recipe(model, areas, norm, p, device, len(classes)),
         classes=classes,
+        areas=len(areas),
     )
 
 
