@@ -262,7 +262,7 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
     train, tests, name = load(data, group)
     print(f"{group}: {len(train)} training image(s), {len(tests)} held out ({name})")
     rows = {}
-    methods = ["rf", "unet", "weft"] + (["weft_vitl"] if args.vitl else [])
+    methods = [*args.methods, *(["weft_vitl"] if args.vitl else [])]
     budget = args.steps * args.batch * args.patch * args.patch
     for method in methods:
         started = time.monotonic()
@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--vitl", action="store_true", help="also WEFT on the (random) Uni-Perceiver ViT-L")
+    parser.add_argument("--methods", nargs="+", default=["rf", "unet", "weft"], choices=["rf", "unet", "weft"])
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     logging.getLogger("backend").propagate = False

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Probability thresholds a fine-tune tries on its validation patches; the best is kept in the adapter.
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+
 
 @dataclass
 class ConfusionMatrix:

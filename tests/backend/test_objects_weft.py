@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import DATA
+from rasterio.features import rasterize
 from rasterio.warp import transform_geom
 
 from backend import adapters
@@ -25,7 +26,7 @@ from backend.protocol import JobError
 from backend.training.image_data import load_labelled_image
 
 SN4 = DATA / "spacenet4"
-PAN, FOOTPRINTS, MASK = SN4 / "pan.tif", SN4 / "geotiff_labels.geojson", SN4 / "fp_mask.tif"
+PAN, FOOTPRINTS = SN4 / "pan.tif", SN4 / "geotiff_labels.geojson"
 FAST = {
     "backbone": "vit_tiny",
     "allow_random_backbone": True,
@@ -58,6 +59,16 @@ def footprints_in_4326(path: Path, kinds: bool = False) -> Path:
     return path
 
 
+def footprint_mask(path: Path) -> Path:
+    """The footprints burnt on the image's grid: a reference mask (1 = building)."""
+    with fiona.open(FOOTPRINTS) as src, rasterio.open(PAN) as img:
+        mask = rasterize(((f.geometry, 1) for f in src), out_shape=img.shape, transform=img.transform, dtype="uint8")
+        profile = img.profile | {"dtype": "uint8", "nodata": None}
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(mask[None])
+    return path
+
+
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("weft")
@@ -87,7 +98,12 @@ def test_finetune_on_labels_in_another_crs_then_segment_the_scene(buildings: tup
 
     out = library / "out"
     result = run(
-        "objects.segment", image=str(PAN), adapter="buildings", out_dir=str(out), reference=str(MASK), tile_size=256
+        "objects.segment",
+        image=str(PAN),
+        adapter="buildings",
+        out_dir=str(out),
+        reference=str(footprint_mask(library / "footprints.tif")),
+        tile_size=256,
     )
     paths = {o.key: Path(o.path) for o in result.outputs}
     assert set(paths) == {"probability", "mask", "polygons"}
@@ -95,12 +111,18 @@ def test_finetune_on_labels_in_another_crs_then_segment_the_scene(buildings: tup
         assert (prob.crs, prob.transform, prob.shape) == (src.crs, src.transform, src.shape)
         p = prob.read(1)
         assert np.all((p >= 0) & (p <= 1))
-        assert np.array_equal(mask.read(1), (p > 0.5).astype(np.uint8))
-    with fiona.open(paths["polygons"]) as polys:
+        # The threshold is the adapter's, chosen on its validation patches.
+        assert result.metrics["threshold"] == meta.metrics["val_threshold"]
+        assert np.array_equal(mask.read(1), (p > result.metrics["threshold"]).astype(np.uint8))
+    assert {"precision", "recall", "f1", "iou"} <= set(result.metrics)
+    # A low threshold, so that this briefly trained miniature surely marks objects.
+    low = run("objects.segment", image=str(PAN), adapter="buildings", out_dir=str(library / "low"), threshold=0.05)
+    polygons = next(Path(o.path) for o in low.outputs if o.key == "polygons")
+    with fiona.open(polygons) as polys:
         assert {"class", "class_name", "area_m2", "confidence"} <= set(polys.schema["properties"])
         rows = list(polys)
     assert rows and all(r.properties["class_name"] == "object" and r.properties["area_m2"] > 0 for r in rows)
-    assert {"precision", "recall", "f1", "iou"} <= set(result.metrics) and result.metrics["object_pixels"] > 0
+    assert low.metrics["object_pixels"] > 0 and low.metrics["threshold"] == 0.05
 
 
 def test_a_class_field_of_names_gives_a_multi_class_adapter_and_class_raster(library: Path) -> None:

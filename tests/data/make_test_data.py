@@ -59,7 +59,8 @@ def main() -> None:
             write(out / f"{name}_{part}.tif", data, tf)
     shutil.copyfile(CD / "levir_cd_1024_ttp" / "LICENSE-SOURCE.txt", out / "LICENSE-SOURCE-levir_cd_1024_ttp.txt")
     shutil.copyfile(CD / "levir_cd_bitcd" / "LICENSE-SOURCE.txt", out / "LICENSE-SOURCE-levir_cd_bitcd.txt")
-    # SpaceNet-4: the footprint mask was rendered on sample_geotiff.tif's grid but stored without it.
+    # SpaceNet-4: the footprint mask was stored without a grid; it gets the image's, though it does not outline the
+    # image's buildings (geotiff_labels.geojson does): it is test data for vectorizing masks only.
     src = SHARED / "building_seg" / "spacenet4_solaris"
     sn = HERE / "spacenet4"
     sn.mkdir(exist_ok=True)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-SHOTS = ("01_detect", "02_inspect", "03_swipe", "04_annotate", "05_finetune", "06_detect_again")
+SHOTS = ("01_detect", "02_inspect", "03_swipe", "04_annotate", "05_finetune", "06_detect_again", "07_objects")
 
 
 def problems(out: Path) -> list[str]:
@@ -35,6 +35,9 @@ def problems(out: Path) -> list[str]:
         found.append(f"annotation layer: {ann}")
     if r["epochs"] < 1 or r["adapter"] != "walkthrough":
         found.append(f"fine-tune: {r['epochs']} epochs, adapter {r['adapter']}")
+    objects = r["objects"]
+    if len(objects) != 3 or any(layer["crs"] != r["objects_image"]["crs"] for layer in objects):
+        found.append(f"objects: expected 3 result layers in the image's CRS, got {objects}")
     found += [f"missing screenshot {s}.png" for s in SHOTS if not (out / f"{s}.png").is_file()]
     return found
 

@@ -2,7 +2,8 @@
 
 The analyst's round trip through the packaged plugin, driven through the panel's own widgets:
 detect (CVA) -> inspect and judge the largest changes -> compare before/after with the swipe ->
-annotate -> fine-tune on a selected training area -> detect again with the new adapter.
+annotate -> fine-tune on a selected training area -> detect again with the new adapter; then objects:
+outline buildings on a SpaceNet-4 scene -> fine-tune WEFT -> segment the scene -> review the objects.
 A screenshot of the whole window is saved after each step (WALK_OUT/NN_name.png) and the checks
 go to WALK_OUT/walkthrough.json, which the Makefile asserts on.
 
@@ -48,6 +49,7 @@ FAST = {  # the tiny encoder, a few steps: the workflow in about a minute on 2 C
     "batch_size": 2,
     "patch_size": 128,
 }
+OBJECTS_FAST = {k: v for k, v in FAST.items() if k != "backbone"} | {"backbone": "vit_tiny", "patch_size": 128}
 if REAL:  # the real encoder (refused if its weights are missing), still a short run: about two CPU minutes
     FAST = {
         "backbone": "mobile_sam",
@@ -206,6 +208,45 @@ def steps() -> Iterator[Callable[[], bool]]:
     iface.mapCanvas().setExtent(before.extent())
     yield from wait_render()
     shot("06_detect_again")
+
+    # 7. Objects: outline buildings on a SpaceNet-4 scene, fine-tune WEFT on them, segment the scene.
+    scene = QgsRasterLayer(str(DATA.parent / "spacenet4" / "pan.tif"), "SpaceNet-4 Atlanta (PAN)", "gdal")
+    project.addMapLayer(scene)
+    project.setCrs(scene.crs())
+    iface.mapCanvas().setDestinationCrs(scene.crs())
+    iface.mapCanvas().setExtent(scene.extent())
+    dock.run_tab.set_job("objects.finetune")
+    objects_ft = dock.run_tab.form
+    objects_ft.set_value("image", scene)
+    for key, value in OBJECTS_FAST.items():
+        objects_ft.set_value(key, value)
+    objects_ft.set_value("adapter_name", "walkthrough-buildings")
+    objects_ft.set_value("overwrite", True)
+    outlines = dock.annotate_tab.new_annotation_layer()
+    footprints = QgsVectorLayer(str(DATA.parent / "spacenet4" / "geotiff_labels.geojson"), "footprints", "ogr")
+    for feat in list(footprints.getFeatures())[:25]:  # what the analyst would outline over the image
+        f = QgsFeature(outlines.fields())
+        f.setGeometry(QgsGeometry(feat.geometry()))
+        f.setAttribute("class", "building")
+        outlines.addFeature(f)
+    dock.annotate_tab.labels_combo.setLayer(outlines)
+    dock.annotate_tab.area_combo.setLayer(outlines)  # nothing selected: the outlines' extent is the area
+    task = dock.annotate_tab.finetune_on_selection()
+    assert task is not None, dock.annotate_tab.status.text() + " " + dock.run_tab.message.text()
+    yield from wait_job(dock)
+    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    yield lambda: any(a.get("name") == "walkthrough-buildings" for a in (library.adapters or []))
+    dock.runner.apply_now("objects.segment", "walkthrough-buildings")
+    dock.run_tab.form.set_value("out_dir", str(OUT / "results"))
+    assert dock.runner.run() is not None, dock.run_tab.message.text()
+    yield from wait_job(dock)
+    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    result["objects"] = layer_facts(dock.runner.last_layers)
+    result["objects_image"] = layer_facts([scene])[0]
+    dock.tabs.setCurrentIndex(1)
+    iface.mapCanvas().setExtent(scene.extent())
+    yield from wait_render()
+    shot("07_objects")
 
 
 def finish() -> None:

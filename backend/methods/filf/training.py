@@ -19,6 +19,7 @@ from torch import nn
 
 from backend.io.rasterize import IGNORE
 from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
+from backend.metrics.segmentation import THRESHOLDS
 from backend.training.areas import TrainingArea, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.normalize import Normalize, normalizer
@@ -82,10 +83,6 @@ def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> 
     """The normalisation over both dates' labelled pixels (backend/training/normalize.py)."""
     pixels = np.concatenate([x[:, a.label != IGNORE] for a in areas for x in a.images], axis=1)
     return shared_normalization(pixels, backbone, dtype)
-
-
-# Thresholds tried on the validation patches; the one with the best change F1 is kept in the adapter.
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 
 
 @torch.no_grad()

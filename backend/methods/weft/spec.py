@@ -101,6 +101,14 @@ FINETUNE_PARAMS = (
         default=True,
         group="finetune",
     ),
+    Param(
+        "choose_threshold",
+        bool,
+        "Choose the object threshold with the best mIoU on the validation patches and keep it in the adapter "
+        "(off = 0.5).",
+        default=True,
+        group="finetune",
+    ),
 )
 
 SEGMENT_PARAMS = (
@@ -108,7 +116,9 @@ SEGMENT_PARAMS = (
     AOI,
     Param("backbone", str, "Expected backbone (refused if the adapter was trained on another).", group="method"),
     REFERENCE.but(help="Optional reference object mask to score against."),
-    THRESHOLD.but(help="Object probability threshold."),
+    THRESHOLD.but(
+        default=None, help="Object probability threshold (default: the adapter's, chosen on its validation)."
+    ),
     MIN_AREA_M2.but(help="Drop object polygons smaller than this (square metres)."),
     SIMPLIFY,
     NAME.but(default="weft"),
@@ -199,11 +209,14 @@ def open_segment(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Appli
         objects = 1 - probs[:, :1]  # the probability of any object class
         return torch.cat([objects, probs[:, 1:]], 1) if several else objects
 
+    threshold = p["threshold"] if p["threshold"] is not None else meta.metrics.get("val_threshold", 0.5)
+
     def sink(block: int) -> MapOutputs:
-        args = (ctx, Path(p["out_dir"]), p["name"], grid, block, object_style(names), p["reference"], p["threshold"])
+        args = (ctx, Path(p["out_dir"]), p["name"], grid, block, object_style(names), p["reference"], threshold)
+        extra = {"threshold": threshold}
         if several:
-            return ObjectClassesOutputs(*args, p["simplify"], p["min_area_m2"], class_names=names)
-        return MapOutputs(*args, p["simplify"], p["min_area_m2"])
+            return ObjectClassesOutputs(*args, p["simplify"], p["min_area_m2"], extra, class_names=names)
+        return MapOutputs(*args, p["simplify"], p["min_area_m2"], extra)
 
     return Application(
         grid,
