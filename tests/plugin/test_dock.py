@@ -588,7 +588,9 @@ def test_objects_annotate_finetune_segment_and_inspect_from_the_dock(dock, qgis_
     wait_done(dock)
     assert task.outcome["status"] == "finished", task.outcome
     assert dock.run_tab.epoch_table.rowCount() == FAST_FINETUNE["epochs"]
-    # "Apply now" opens the segment action with the new adapter and the image.
+    # "Apply now" opens the segment action with the new adapter (once the library lists it) and the image.
+    segment_form = dock.run_tab.form_for("objects.segment")
+    wait_until(lambda: "dock-objects" in segment_form.adapter_picker.names(), timeout_milliseconds=60_000)
     dock.runner.apply_now("objects.segment", "dock-objects")
     assert dock.run_tab.job.name == "objects.segment" and dock.run_tab.form.value("image") is image
     dock.run_tab.form.set_value("out_dir", str(tmp_path / "results"))
