@@ -253,5 +253,6 @@ SPEC = register(
         apply_verb="segment",
         finetune_title="Fine-tune a WEFT adapter",
         apply_title="Segment (WEFT adapter)",
+        cpu_mp_per_s=0.10,  # mobile_sam, 512² tiles, SpaceNet-4 900², 2-core dev VM (docs/BENCHMARKS.md)
     )
 )
