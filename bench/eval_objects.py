@@ -172,6 +172,16 @@ def areas_of(samples: list[Sample]) -> list:
     ]
 
 
+def unet_unavailable() -> str:
+    """Why the U-Net baseline cannot run here ("" when it can): segmentation-models-pytorch needs a torchvision
+    built for this very torch, and a CPU-only torch from a local wheel has none on the package index."""
+    try:
+        import segmentation_models_pytorch  # noqa: F401
+    except (ImportError, RuntimeError) as exc:
+        return f"segmentation-models-pytorch does not import ({str(exc)[:120]})"
+    return ""
+
+
 def unet(train: list[Sample], tests: list[Sample], args: argparse.Namespace) -> tuple[list[np.ndarray], dict]:
     import segmentation_models_pytorch as smp
     import torch
@@ -184,7 +194,7 @@ def unet(train: list[Sample], tests: list[Sample], args: argparse.Namespace) -> 
     bands = train[0].image.shape[0]
     model = smp.Unet("resnet18", encoder_weights=None, in_channels=bands, classes=2)
     areas = areas_of(train)
-    norm = normalization(areas, "vit_tiny", train[0].image.dtype)  # per-band statistics
+    norm = normalization(areas, None, train[0].image.dtype)  # per-band statistics: no encoder of its own
     normalize = normalizer(norm, torch.device("cpu"))
     whole = [(a, (slice(0, a.shape[0]), slice(0, a.shape[1]))) for a in areas]
     sampler = LabelledPatchSampler(whole, args.patch, seed=SEED)
@@ -265,6 +275,10 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
     methods = [*args.methods, *(["weft_vitl"] if args.vitl else [])]
     budget = args.steps * args.batch * args.patch * args.patch
     for method in methods:
+        if method == "unet" and (missing := unet_unavailable()):
+            print(f"  {method:<10} not run: {missing}")
+            rows[method] = {"skipped": missing}
+            continue
         started = time.monotonic()
         if method == "rf":
             preds, extra = random_forest(train, tests, min(budget, 200_000))

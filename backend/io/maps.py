@@ -174,3 +174,54 @@ class MapOutputs:
             Output(str(self.finals[2]), "vector", f"{n} {self.style.features}", f"{w}_polygons.qml", "polygons"),
         ]
         return JobResult(outputs=outputs, metrics=metrics)
+
+
+class ClassMapOutputs(MapOutputs):
+    """MapOutputs for blocks of (probability, further channels …) that also write a uint8 class raster,
+    `<name>_<word>_classes.tif` (0 where the mask says nothing), made from each block by `classify`; the polygons
+    follow it (a subclass sets their `polygon_options`). `class_names[k]` names class k."""
+
+    descriptions: tuple[str, ...] = ()  # one per band of the class raster
+
+    def __init__(self, *args: Any, class_names: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.names = class_names
+        final = self.finals[0].with_name(f"{self.name}_{self.style.word}_classes.tif")
+        self.finals.append(final)
+        self.classes_path = self.ctx.output_path(final)
+        self.polygon_source = self.classes_path
+
+    def classify(self, values: np.ndarray, marked: np.ndarray) -> np.ndarray:
+        """(bands, h, w) classes of a block of `values`, where `marked` (the mask) holds."""
+        raise NotImplementedError
+
+    def __enter__(self) -> ClassMapOutputs:
+        super().__enter__()
+        self.classes_w = GeoTiffWriter(
+            self.classes_path,
+            self.grid,
+            len(self.descriptions),
+            "uint8",
+            MASK_NODATA,
+            self.descriptions,
+            Resampling.mode,
+            block=self.block,
+        )
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.classes_w.__exit__(exc_type)
+        super().__exit__(exc_type, *exc)
+
+    def write(self, win: Window, values: np.ndarray, valid: np.ndarray) -> None:
+        prob = values[0]
+        super().write(win, prob, valid)
+        self.classes_w.write(win, self.classify(values, prob > self.threshold).astype(np.uint8), valid)
+
+    def finish(self, extra: dict[str, Any] | None = None) -> JobResult:
+        result = super().finish(extra)
+        w = self.style.word
+        classes = Output(str(self.finals[3]), "raster", f"{self.name} {w} classes", f"{w}_classes.qml", "classes")
+        result.outputs.insert(2, classes)
+        result.metrics["classes"] = self.names
+        return result

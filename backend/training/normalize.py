@@ -13,9 +13,9 @@ from backend import weights
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
-def normalization(pixels: np.ndarray, backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
-    """`pixels` (bands, n): the labelled pixels (of every date) the model trains on."""
-    spec = weights.backbone_info(backbone).input
+def normalization(pixels: np.ndarray, backbone: str | None, dtype: np.dtype) -> dict[str, list[float]]:
+    """`pixels` (bands, n): the labelled pixels (of every date) the model trains on; no `backbone`: statistics."""
+    spec = weights.backbone_info(backbone).input if backbone else {}
     if dtype == np.uint8 and pixels.shape[0] == len(spec.get("mean", ())):
         return {"mean": list(spec["mean"]), "std": list(spec["std"])}
     return {"mean": pixels.mean(1).tolist(), "std": np.maximum(pixels.std(1), 1e-6).tolist()}

@@ -40,6 +40,13 @@ def pair(name: str = "test_2_0000_0512") -> tuple[QgsRasterLayer, QgsRasterLayer
     return add_raster(before, "before"), add_raster(after, "after")
 
 
+def part_of(extent: QgsRectangle, x0: float, y0: float, x1: float, y1: float) -> QgsRectangle:
+    """The rectangle between fractions (x0, y0) and (x1, y1) of `extent`, from its lower left corner."""
+    w, h = extent.width(), extent.height()
+    left, bottom = extent.xMinimum(), extent.yMinimum()
+    return QgsRectangle(left + x0 * w, bottom + y0 * h, left + x1 * w, bottom + y1 * h)
+
+
 def wait_done(dock, timeout: int = JOB_TIMEOUT_MS) -> None:
     wait_until(lambda: dock.runner.current_task is None, timeout_milliseconds=timeout)
 
@@ -493,13 +500,9 @@ def test_annotate_then_finetune_on_selection(dock, qgis_iface, tmp_path) -> None
     qgis_iface.actionAddFeature().trigger.assert_called()
     # Two drawn polygons: one change, one no-change.
     full = before.extent()
-    w, h = full.width(), full.height()
     for (x0, y0, x1, y1), value in (((0.1, 0.1, 0.4, 0.4), 1), ((0.6, 0.6, 0.9, 0.9), 0)):
         f = QgsFeature(layer.fields())
-        rect = QgsRectangle(
-            full.xMinimum() + x0 * w, full.yMinimum() + y0 * h, full.xMinimum() + x1 * w, full.yMinimum() + y1 * h
-        )
-        f.setGeometry(QgsGeometry.fromRect(rect))
+        f.setGeometry(QgsGeometry.fromRect(part_of(full, x0, y0, x1, y1)))
         f["change"] = value
         assert layer.addFeature(f)
     assert layer.isModified()
@@ -530,13 +533,9 @@ def test_semantic_change_annotation_has_from_to_fields_and_trains_scd(dock, qgis
     assert layer is not None and {"from_class", "to_class"} <= set(layer.fields().names())
     assert "'from_class' and 'to_class'" in dock.annotate_tab.status.text()
     full = before.extent()
-    w, h = full.width(), full.height()
     for (x0, y0, x1, y1), (was, now) in (((0.1, 0.1, 0.4, 0.4), (1, 2)), ((0.6, 0.6, 0.9, 0.9), (0, 0))):
         f = QgsFeature(layer.fields())
-        rect = QgsRectangle(
-            full.xMinimum() + x0 * w, full.yMinimum() + y0 * h, full.xMinimum() + x1 * w, full.yMinimum() + y1 * h
-        )
-        f.setGeometry(QgsGeometry.fromRect(rect))
+        f.setGeometry(QgsGeometry.fromRect(part_of(full, x0, y0, x1, y1)))
         f["from_class"], f["to_class"] = was, now
         assert layer.addFeature(f)
     task = dock.annotate_tab.finetune_on_selection()
@@ -565,14 +564,10 @@ def test_objects_annotate_finetune_segment_and_inspect_from_the_dock(dock, qgis_
     layer = dock.annotate_tab.new_annotation_layer()
     assert layer is not None and "class" in layer.fields().names()
     full = image.extent()
-    w, h = full.width(), full.height()
     boxes = (((0.1, 0.1, 0.2, 0.2), "house"), ((0.5, 0.5, 0.6, 0.6), "shed"), ((0.7, 0.2, 0.8, 0.3), "house"))
     for (x0, y0, x1, y1), kind in boxes:
         f = QgsFeature(layer.fields())
-        rect = QgsRectangle(
-            full.xMinimum() + x0 * w, full.yMinimum() + y0 * h, full.xMinimum() + x1 * w, full.yMinimum() + y1 * h
-        )
-        f.setGeometry(QgsGeometry.fromRect(rect))
+        f.setGeometry(QgsGeometry.fromRect(part_of(full, x0, y0, x1, y1)))
         f["class"] = kind
         assert layer.addFeature(f)
     area = QgsVectorLayer(f"Polygon?crs={image.crs().authid()}", "training area", "memory")

@@ -6,29 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from rasterio.enums import Resampling
-from rasterio.windows import Window
 
-from backend.io.maps import MASK_NODATA, MapOutputs
-from backend.io.writer import GeoTiffWriter
+from backend.io.maps import ClassMapOutputs
 from backend.params import OutputDecl
-from backend.protocol import JobResult, Output
 
 CLASSES_OUTPUT = OutputDecl("classes", "raster", "From/to classes of the changed pixels (band 1 date 1, band 2 date 2)")
 
 
-class SemanticChangeOutputs(MapOutputs):
-    """MapOutputs for (change probability, date-1 class probabilities …, date-2 class probabilities …) blocks
-    of 1 + 2·(K+1) channels; `class_names[k]` names class k (0 = no change)."""
+class SemanticChangeOutputs(ClassMapOutputs):
+    """Blocks of (change probability, date-1 class probabilities …, date-2 class probabilities …), 1 + 2·(K+1)
+    channels; `class_names[k]` names class k (0 = no change)."""
+
+    descriptions = ("class at date 1", "class at date 2")
 
     def __init__(self, *args: Any, class_names: list[str], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.names = class_names
+        super().__init__(*args, class_names=class_names, **kwargs)
         n = len(class_names)  # transitions are coded from·n + to, 0 where nothing changed
-        final = self.finals[0].with_name(f"{self.name}_change_classes.tif")
-        self.finals.append(final)
-        self.classes_path = self.ctx.output_path(final)
-        self.polygon_source = self.classes_path
         self.polygon_options = {
             "encode": lambda a: a[0].astype(np.int64) * n + a[1],
             "class_names": {f * n + t: f"{class_names[f]} → {class_names[t]}" for f in range(n) for t in range(n)},
@@ -40,38 +33,7 @@ class SemanticChangeOutputs(MapOutputs):
             },
         }
 
-    def __enter__(self) -> SemanticChangeOutputs:
-        super().__enter__()
-        self.classes_w = GeoTiffWriter(
-            self.classes_path,
-            self.grid,
-            2,
-            "uint8",
-            MASK_NODATA,
-            ("class at date 1", "class at date 2"),
-            Resampling.mode,
-            block=self.block,
-        )
-        return self
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        self.classes_w.__exit__(exc_type)
-        super().__exit__(exc_type, *exc)
-
-    def write(self, win: Window, values: np.ndarray, valid: np.ndarray) -> None:
-        prob = values[0]
-        super().write(win, prob, valid)
+    def classify(self, values: np.ndarray, marked: np.ndarray) -> np.ndarray:
         n = len(self.names)
-        changed = prob > self.threshold
         # Class 0 never trains (it is the loss's ignore index): the most likely class among 1..K.
-        c1, c2 = ((values[1 + d * n + 1 : 1 + (d + 1) * n].argmax(0) + 1) * changed for d in (0, 1))
-        self.classes_w.write(win, np.stack([c1, c2]).astype(np.uint8), valid)
-
-    def finish(self, extra: dict[str, Any] | None = None) -> JobResult:
-        result = super().finish(extra)
-        n = self.name
-        result.outputs.insert(
-            2, Output(str(self.finals[3]), "raster", f"{n} change classes", "change_classes.qml", "classes")
-        )
-        result.metrics["classes"] = self.names
-        return result
+        return np.stack([(values[1 + d * n + 1 : 1 + (d + 1) * n].argmax(0) + 1) * marked for d in (0, 1)])

@@ -125,14 +125,15 @@ SEGMENT_PARAMS = (
 )
 
 
-def choose_bands(image: str, bands: list[int] | None, ctx: JobContext) -> list[int]:
-    """Three bands of the raster: the chosen ones, one band repeated as grey, or the first three of more."""
+def choose_bands(image: str, bands: list[int] | None, ctx: JobContext) -> tuple[list[int], np.dtype]:
+    """Three bands of the raster (the chosen ones, one band repeated as grey, or the first three of more), and
+    their data type."""
     with RasterSource(image, bands, what="image") as src:
-        chosen, total = list(src.bands), src.ds.count
+        chosen, total, dtype = list(src.bands), src.ds.count, src.dtype
     if len(chosen) == 1:
-        return chosen * 3
+        return chosen * 3, dtype
     if len(chosen) == 3:
-        return chosen
+        return chosen, dtype
     if bands or len(chosen) == 2:
         raise JobError(
             INVALID_INPUT,
@@ -142,7 +143,7 @@ def choose_bands(image: str, bands: list[int] | None, ctx: JobContext) -> list[i
     ctx.warn(
         f"The image has {total} bands; WEFT uses bands {', '.join(map(str, chosen[:3]))} (choose others with bands)."
     )
-    return chosen[:3]
+    return chosen[:3], dtype
 
 
 def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[str, str | None]) -> nn.Module:
@@ -164,10 +165,8 @@ def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
     if p["patch_size"] % 32:
         raise JobError(INVALID_INPUT, "The patch size must be a multiple of 32 pixels.")
     ctx.progress(0.0, "reading labelled area", force=True)
-    bands = choose_bands(p["image"], p["bands"], ctx)
+    bands, dtype = choose_bands(p["image"], p["bands"], ctx)
     area, names = load_labelled_image(p["image"], p["labels"], p["aoi"], bands, p["label_field"], ctx.warnings)
-    with RasterSource(p["image"], bands) as src:
-        dtype = src.dtype
     return training_on([area], names, dtype, bands, p)
 
 

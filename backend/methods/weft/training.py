@@ -32,7 +32,7 @@ WARMUP_SHARE = 0.02  # the configs' 1,500 warm-up iterations of 80,000
 JITTER = 0.2  # photometric jitter: contrast × U(1 ± 0.2), brightness + U(± 0.2) in normalised units
 
 
-def normalization(areas: list[TrainingArea], backbone: str, dtype: np.dtype) -> dict[str, list[float]]:
+def normalization(areas: list[TrainingArea], backbone: str | None, dtype: np.dtype) -> dict[str, list[float]]:
     """The normalisation over the labelled pixels (backend/training/normalize.py)."""
     pixels = np.concatenate([a.images[0][:, a.label != IGNORE] for a in areas], axis=1)
     return shared_normalization(pixels, backbone, dtype)
