@@ -130,7 +130,7 @@ demo: setup
 	$(VB)/bin/python -m backend.demo --out-dir demo_out
 
 # The held-out benchmarks' baselines (random forest, U-Net) are not needed to run jobs: installed for bench only,
-# with the torch pin in the same resolution (alone, segmentation-models-pytorch pulls the newest CUDA torch).
+# with the torch pin in the same resolution so that nothing replaces the pinned torch.
 $(VB)/.bench-ok: $(VB)/.ok requirements/bench.txt
 	$(VB)/bin/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) \
 	  -r requirements/bench.txt "$(TORCH_SPEC)"
