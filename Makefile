@@ -94,6 +94,7 @@ test-plugin:
 # and makes its last step detect with that adapter (see tests/desktop/walkthrough.py).
 DESKTOP := $(CURDIR)/build/desktop
 WALK_ADAPTER ?=
+WALK_TIMEOUT ?= 900
 test-desktop: package
 	rm -rf build/qgis-profile $(DESKTOP) && mkdir -p build/qgis-profile/profiles/default/QGIS $(DESKTOP)/data/adapters
 	printf '[PythonPlugins]\nrs_peft_qgis=true\n[qgis]\ncheckVersion=false\n' > build/qgis-profile/profiles/default/QGIS/QGIS3.ini
@@ -101,7 +102,7 @@ test-desktop: package
 	env -u QT_QPA_PLATFORM QGIS_PLUGINPATH=$(CURDIR)/build/package WALK_OUT=$(DESKTOP) WALK_DATA=$(CURDIR)/tests/data/levir_cd \
 	  $(if $(WALK_ADAPTER),WALK_APPLY_ADAPTER=$(notdir $(WALK_ADAPTER)),RS_PEFT_QGIS_CACHE_DIR=$(DESKTOP)/cache) \
 	  RS_PEFT_QGIS_DATA_DIR=$(DESKTOP)/data RS_PEFT_QGIS_LOG_DIR=$(DESKTOP)/logs \
-	  timeout 900 xvfb-run -a -s "-screen 0 1600x1000x24" \
+	  timeout $(WALK_TIMEOUT) xvfb-run -a -s "-screen 0 1600x1000x24" \
 	  qgis --nologo --noversioncheck --profiles-path $(CURDIR)/build/qgis-profile --code $(CURDIR)/tests/desktop/walkthrough.py
 	/usr/bin/python3 tests/desktop/check_walkthrough.py $(DESKTOP)
 
@@ -110,7 +111,7 @@ test-desktop: package
 DEMO_ADAPTER := demo_out/library/adapters/demo-levir-filf
 screenshots:
 	[ -f $(DEMO_ADAPTER)/adapter.json ] || $(MAKE) demo
-	$(MAKE) test-desktop WALK_ADAPTER=$(CURDIR)/$(DEMO_ADAPTER)
+	$(MAKE) test-desktop WALK_ADAPTER=$(CURDIR)/$(DEMO_ADAPTER) WALK_TIMEOUT=1800
 	mkdir -p docs/img
 	for f in $(DESKTOP)/0*.png; do convert "$$f" -resize 1400x -quality 82 docs/img/$$(basename "$${f%.png}").jpg; done
 

@@ -253,6 +253,14 @@ PATIENCE = Param(
     step=1,
     group="finetune",
 )
+CHECKPOINTING = Param(
+    "checkpointing",
+    str,
+    "Recompute the frozen encoder's blocks in the backward pass to save memory (auto: on for CUDA).",
+    default="auto",
+    choices=("auto", "on", "off"),
+    group="finetune",
+)
 OVERWRITE = Param("overwrite", bool, "Replace an adapter of the same name.", default=False, group="finetune")
 
 # --- maps (probability + mask + polygons) ----------------------------------------------------------------------

@@ -7,9 +7,7 @@ Detection: the real change.detect job on a georeferenced pair (default: the bund
 with an adapter saved first into a temporary library. The encoder has random weights (cost depends on the
 architecture, not on the checkpoint).
 --dtype sets the training autocast; change.detect uses its own (bf16 autocast on CUDA, fp32 on CPU).
-Peak memory: VmHWM on CPU, torch.cuda.max_memory_allocated on a GPU. Also reported, to explain the peaks: the
-memory at the start of training (model and input), gradients + Adam states (3 × the trainable weights) and
-the activations one forward saves for the backward (counted with saved_tensors_hooks after the timed steps).
+Peak memory and the figures that explain it: bench/training_cost.py.
 Goal: PEFT needs at most 50% of full fine-tuning's peak memory.
 
     python -m bench.change [--backbone mobile_sam] [--patch 256] [--batch 8] [--device auto|cpu|cuda]
@@ -23,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +36,9 @@ from backend.methods.filf import SPEC as FILF
 from backend.methods.filf import build_filf
 from backend.methods.filf.training import change_loss
 from backend.methods.spec import RANDOM_BACKBONE_SEED
-from backend.models.peft.freeze import count_parameters
+from bench import training_cost
 from bench.machine import machine_record
+from bench.training_cost import MB, host_memory_mb, measure_steps, print_training_table, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -48,37 +46,6 @@ LEVIR = ROOT / "tests" / "data" / "levir_cd"
 ADAPTER = "bench_change"
 GOAL = 0.5  # PEFT peak memory / full fine-tuning peak memory
 DETECT_GOAL = 0.5  # change.detect throughput / two bare encoder forwards' throughput at its tile size
-MB = 2**20
-
-
-def host_memory_mb(field: str) -> float:
-    """VmHWM (peak) or VmRSS (current) of this process in MB; ru_maxrss would include the parent's peak."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def saved_activations_mb(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], device: str, dtype: str) -> float:
-    """MB of the non-parameter tensors one forward keeps for the backward pass (each storage counted once)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"),
-    ):
-        model(*inputs)
-    return sum(saved.values()) / MB
 
 
 def measure_training(
@@ -100,43 +67,14 @@ def measure_training(
         model.requires_grad_(True)
     if checkpointing:
         model.enable_activation_checkpointing()
-    trainable = [p for p in model.parameters() if p.requires_grad]
     finetune = JOBS["change.finetune"]
     lr, balance = finetune.param("lr").default, finetune.param("balance_classes").default
-    optimizer = torch.optim.Adam(trainable, lr=lr)
     x1, x2 = (torch.randn(batch, 3, patch, patch, device=device) for _ in range(2))
     label = torch.randint(0, 2, (batch, patch, patch), dtype=torch.uint8, device=device)
-
-    def step() -> None:  # the order of the training loop: the previous gradients live through the forward
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = change_loss(model(x1, x2).float(), label, balance)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sync(device)
-
-    baseline = torch.cuda.memory_allocated() / MB if device == "cuda" else host_memory_mb("VmRSS")
-    step()  # warm-up: also allocates the gradients and Adam's states
-    runs, t0 = 0, time.perf_counter()
-    while runs < steps or time.perf_counter() - t0 < seconds:
-        step()
-        runs += 1
-    wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / MB if device == "cuda" else host_memory_mb("VmHWM")
-    count = count_parameters(model)
-    return {
-        "mode": "full" if full else "peft+ckpt" if checkpointing else "peft",
-        "s_per_step": wall / runs,
-        "steps": runs,
-        "peak_mb": peak,
-        "baseline_mb": baseline,
-        "trainable_params": count.trainable,
-        "total_params": count.total,
-        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / MB,
-        "grads_adam_mb": 3 * sum(p.numel() * p.element_size() for p in trainable) / MB,
-        "saved_activations_mb": saved_activations_mb(model, (x1, x2), device, dtype),
-        "host_peak_mb": host_memory_mb("VmHWM"),
-    }
+    mode = "full" if full else "peft+ckpt" if checkpointing else "peft"
+    return measure_steps(
+        model, lambda: change_loss(model(x1, x2).float(), label, balance), mode, lr, device, dtype, steps, seconds
+    )
 
 
 def measure_detection(before: str, after: str, tile: int, batch: int, device: str, out_dir: str) -> dict[str, Any]:
@@ -236,12 +174,7 @@ def child(payload: str) -> None:
 
 
 def run_child(kind: str, kwargs: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    code = "import sys; from bench.change import child; child(sys.argv[1])"
-    payload = json.dumps([kind, kwargs])
-    proc = subprocess.run([sys.executable, "-c", code, payload], cwd=ROOT, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} measurement failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return training_cost.run_child("bench.change", kind, kwargs, env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,26 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ratios = {k: peft[k] / full[k] for k in ("s_per_step", "peak_mb")}
-    ratios_ckpt = {k: peft_ckpt[k] / full[k] for k in ("s_per_step", "peak_mb")}
-    goal_met = min(ratios["peak_mb"], ratios_ckpt["peak_mb"]) <= GOAL
     where = "GPU max allocated" if device == "cuda" else "process VmHWM"
     print(
         f"FILF on {args.backbone} (random weights), {args.batch} pairs of {args.patch}², {device} {dtype}, "
         f"rank {args.rank}; peak memory = {where}"
     )
-    print(
-        f"{'mode':<10} {'trainable':>11} {'of params':>10} {'s/step':>7} {'steps':>5} {'peak MB':>8} "
-        f"{'start MB':>9} {'grads+Adam MB':>13} {'saved act. MB':>13}"
-    )
-    for r in (peft, peft_ckpt, full):
-        print(
-            f"{r['mode']:<10} {r['trainable_params']:>11,} {r['total_params']:>10,} {r['s_per_step']:7.2f} "
-            f"{r['steps']:>5} {r['peak_mb']:8.0f} {r['baseline_mb']:9.0f} {r['grads_adam_mb']:13.1f} "
-            f"{r['saved_activations_mb']:13.0f}"
-        )
-    print(f"{'PEFT/full':<33} {ratios['s_per_step']:7.2f} {'':>5} {ratios['peak_mb']:8.2f}")
-    print(f"{'PEFT+ckpt/full':<33} {ratios_ckpt['s_per_step']:7.2f} {'':>5} {ratios_ckpt['peak_mb']:8.2f}")
+    table = print_training_table([peft, peft_ckpt], full)
+    ratios, ratios_ckpt = table["peft"], table["peft+ckpt"]
+    goal_met = min(ratios["peak_mb"], ratios_ckpt["peak_mb"]) <= GOAL
     print(
         f"goal (PEFT peak memory <= {GOAL:.0%} of full fine-tuning's): {'met' if goal_met else 'NOT met'} "
         f"(plain LoRA {ratios['peak_mb']:.0%}, with activation checkpointing {ratios_ckpt['peak_mb']:.0%})"

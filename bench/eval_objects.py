@@ -10,9 +10,10 @@ Methods, each on the same labels and the same CPU budget of steps × batch × pa
   deviations, gradient magnitude), as SCP / OTB offer without deep learning;
 * `unet` — full fine-tuning of a U-Net (segmentation-models-pytorch, ResNet-18 encoder; its ImageNet weights
   cannot be downloaded here, so it starts from random weights);
-* `weft` — WEFT on MobileSAM's real TinyViT weights (installed by set-up), through the product's fine-tuning
-  code and `objects.segment`; `weft_vitl` (with --vitl) — WEFT on the paper's Uni-Perceiver ViT-L with random
-  frozen weights (the checkpoint cannot be downloaded here; the same code runs it after
+* `weft` — WEFT with the paper's Mask2Former head on MobileSAM's real TinyViT weights (installed by set-up),
+  through the product's fine-tuning code and `objects.segment`; `weft_fpn` — the same with the light FPN head;
+  `weft_vitl` (with --vitl) — WEFT on the paper's Uni-Perceiver ViT-L with random frozen weights (the
+  checkpoint cannot be downloaded here; the same code runs it after
   `models fetch uniperceiver_vit_l`).
 
 Scores on the held-out part: pixel IoU/F1 of the object class and 2-class mIoU (one confusion matrix over all
@@ -20,6 +21,7 @@ held-out pixels), object precision/recall/F1 at IoU ≥ 0.5; plus trainable para
 
     python -m bench.eval_objects [--data ../shared/data] [--groups spacenet4 nwpu_airplane …]
                                  [--steps 60 --batch 4 --patch 256] [--vitl]
+                                 [--methods rf unet weft weft_fpn]
 """
 
 from __future__ import annotations
@@ -186,7 +188,8 @@ def unet(train: list[Sample], tests: list[Sample], args: argparse.Namespace) -> 
     import segmentation_models_pytorch as smp
     import torch
 
-    from backend.methods.weft.training import normalization, segmentation_loss
+    from backend.methods.weft.head import segmentation_loss
+    from backend.methods.weft.training import normalization
     from backend.training.normalize import normalizer
     from backend.training.samplers import LabelledPatchSampler
 
@@ -217,7 +220,13 @@ def unet(train: list[Sample], tests: list[Sample], args: argparse.Namespace) -> 
 
 
 def weft(
-    train: list[Sample], tests: list[Sample], name: str, backbone: str, args: argparse.Namespace, work: Path
+    train: list[Sample],
+    tests: list[Sample],
+    name: str,
+    backbone: str,
+    head: str,
+    args: argparse.Namespace,
+    work: Path,
 ) -> tuple[list[np.ndarray], dict]:
     from backend.client import WorkerClient
     from backend.context import JobContext
@@ -230,7 +239,7 @@ def weft(
     grey = train[0].image.shape[0] == 1
     if grey:  # the encoder takes RGB: a panchromatic image as three equal bands
         areas = [type(a)((np.repeat(a.images[0], 3, 0),), a.label, a.grid) for a in areas]
-    adapter = f"bench-{name}-{backbone}"
+    adapter = f"bench-{name}-{backbone}-{head}"
     spec = JOBS["objects.finetune"]
     p = spec.validate(
         {
@@ -238,6 +247,7 @@ def weft(
             "labels": str(train[0].path),
             "adapter_name": adapter,
             "backbone": backbone,
+            "head": head,
             "allow_random_backbone": backbone != "mobile_sam",
             "overwrite": True,
             "epochs": max(args.steps // 10, 1),
@@ -285,8 +295,9 @@ def run_group(data: Path, group: str, args: argparse.Namespace, work: Path) -> d
         elif method == "unet":
             preds, extra = unet(train, tests, args)
         else:
-            backbone = "mobile_sam" if method == "weft" else "uniperceiver_vit_l"
-            preds, extra = weft(train, tests, group, backbone, args, work)
+            backbone = "uniperceiver_vit_l" if method == "weft_vitl" else "mobile_sam"
+            head = "fpn" if method == "weft_fpn" else "mask2former"
+            preds, extra = weft(train, tests, group, backbone, head, args, work)
         rows[method] = {**score(preds, tests), **extra, "seconds": time.monotonic() - started}
         r = rows[method]
         print(
@@ -305,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--vitl", action="store_true", help="also WEFT on the (random) Uni-Perceiver ViT-L")
-    parser.add_argument("--methods", nargs="+", default=["rf", "unet", "weft"], choices=["rf", "unet", "weft"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["rf", "unet", "weft", "weft_fpn"], choices=["rf", "unet", "weft", "weft_fpn"]
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     logging.getLogger("backend").propagate = False
@@ -321,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "groups": groups,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"eval_objects_{record['date']}.json"
+    out = RESULTS / f"eval_objects_{time.strftime('%Y-%m-%dT%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=1, default=str))
     print(f"results: {out}")
     return 0

@@ -11,7 +11,8 @@ By default (make test-desktop) the fine-tune uses the tiny TinyViT encoder with 
 empty model cache: fast and self-contained, it shows the workflow, not real accuracy. With WALK_APPLY_ADAPTER
 set (make screenshots) the fine-tune runs briefly on the real MobileSAM encoder that set-up installs, and
 step 6 detects with that adapter instead: the one `make demo` trained on five other labelled LEVIR-CD pairs,
-so the last screenshot shows what FILF really finds on the held-out pair.
+so that screenshot shows what FILF really finds on the held-out pair; the objects step then fine-tunes WEFT on
+the real encoder for 40 steps, so its screenshot shows buildings that WEFT really found.
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ FAST = {  # the tiny encoder, a few steps: the workflow in about a minute on 2 C
     "batch_size": 2,
     "patch_size": 128,
 }
-OBJECTS_FAST = {k: v for k, v in FAST.items() if k != "backbone"} | {"backbone": "vit_tiny", "patch_size": 128}
+OBJECTS = {k: v for k, v in FAST.items() if k != "backbone"} | {"backbone": "vit_tiny", "patch_size": 128}
+if REAL:  # WEFT on the real encoder, trained long enough to find buildings: about six CPU minutes
+    OBJECTS = {
+        "backbone": "mobile_sam",
+        "allow_random_backbone": False,
+        "epochs": 4,
+        "steps_per_epoch": 10,
+        "batch_size": 4,
+        "patch_size": 256,
+    }
 if REAL:  # the real encoder (refused if its weights are missing), still a short run: about two CPU minutes
     FAST = {
         "backbone": "mobile_sam",
@@ -218,7 +228,7 @@ def steps() -> Iterator[Callable[[], bool]]:
     dock.run_tab.set_job("objects.finetune")
     objects_ft = dock.run_tab.form
     objects_ft.set_value("image", scene)
-    for key, value in OBJECTS_FAST.items():
+    for key, value in OBJECTS.items():
         objects_ft.set_value(key, value)
     objects_ft.set_value("adapter_name", "walkthrough-buildings")
     objects_ft.set_value("overwrite", True)

@@ -25,6 +25,7 @@ from backend.params import (
     AOI,
     BANDS,
     BEFORE,
+    CHECKPOINTING,
     EPOCHS,
     LR,
     MIN_AREA_M2,
@@ -162,14 +163,7 @@ FINETUNE_PARAMS = (
         default=True,
         group="finetune",
     ),
-    Param(
-        "checkpointing",
-        str,
-        "Recompute encoder blocks in the backward pass to save memory (auto: on for CUDA).",
-        default="auto",
-        choices=("auto", "on", "off"),
-        group="finetune",
-    ),
+    CHECKPOINTING,
 )
 
 DETECT_PARAMS = (

@@ -20,6 +20,7 @@ from torch import nn
 from backend.io.rasterize import IGNORE
 from backend.metrics.change import BinaryConfusion, SemanticChangeConfusion
 from backend.metrics.segmentation import THRESHOLDS
+from backend.models.peft.checkpointing import wants_checkpointing
 from backend.training.areas import TrainingArea, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.normalize import Normalize, normalizer
@@ -138,7 +139,7 @@ def recipe(
     """FILF's recipe on labelled areas (`p`: change.finetune's parameters); one area is split by area,
     several hold whole areas out for validation. Semantic change (`num_classes` land-cover classes) trains with
     the official SCD loss and keeps the epoch with the best binary mIoU, as the official code does."""
-    if p["checkpointing"] == "on" or (p["checkpointing"] == "auto" and device.startswith("cuda")):
+    if wants_checkpointing(p["checkpointing"], device):
         model.enable_activation_checkpointing()  # type: ignore[operator]
     patch, epochs = p["patch_size"], p["epochs"]
     train_parts, val_parts = train_val_parts(areas, patch, p["val_fraction"])

@@ -1,4 +1,6 @@
-"""Segmentation heads on WEFT's four fused levels (1/4 … 1/32)."""
+"""Segmentation heads on WEFT's four fused levels (1/4 … 1/32): the paper's Mask2Former (mask2former.py) and a
+light FPN head, switchable by the `head` parameter. Both give per-pixel logits at 1/4 (`forward`) and their own
+training loss (`loss`)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend.io.rasterize import IGNORE
+
 from .extractor import conv_bn_relu
+from .mask2former import Mask2FormerHead
 
 HEAD_CHANNELS = 96  # the paper's Mask2Former feature width
 
@@ -26,6 +31,10 @@ class FPNHead(nn.Module):
         self.fuse = conv_bn_relu(levels * channels, channels, 1)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
+    def loss(self, feats: list[torch.Tensor], label: torch.Tensor, balance: bool = True) -> torch.Tensor:
+        logits = F.interpolate(self(feats), size=label.shape[-2:], mode="bilinear", align_corners=False)
+        return segmentation_loss(logits.float(), label, balance)
+
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         laterals = [conv(f) for conv, f in zip(self.lateral, feats, strict=True)]
         for i in range(len(laterals) - 1, 0, -1):
@@ -38,3 +47,21 @@ class FPNHead(nn.Module):
             for i, (smooth, lat) in enumerate(zip(self.smooth, laterals, strict=True))
         ]
         return self.classifier(self.fuse(torch.cat(outs, dim=1)))
+
+
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, balance: bool = True) -> torch.Tensor:
+    """Cross-entropy over classes, IGNORE excluded; with `balance` each class present weighs the same."""
+    per_px = F.cross_entropy(logits, label.long(), ignore_index=IGNORE, reduction="none")
+    known = label != IGNORE
+    if not balance:
+        return per_px[known].mean() if known.any() else per_px.sum() * 0
+    parts = [per_px[label == k].mean() for k in torch.unique(label[known]).tolist()]
+    return torch.stack(parts).mean() if parts else per_px.sum() * 0
+
+
+HEADS = {"mask2former": Mask2FormerHead, "fpn": FPNHead}
+
+
+def make_head(name: str, dim: int, num_classes: int) -> nn.Module:
+    """The head called `name` (a key of HEADS) on fused levels `dim` wide."""
+    return HEADS[name](dim, num_classes)

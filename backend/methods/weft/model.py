@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend.io.rasterize import IGNORE
+from backend.models.peft.checkpointing import checkpoint_blocks
 from backend.models.peft.freeze import FreezePolicy, apply_freezing
 from backend.models.peft.state import AdapterState
 
 from .adapter import Interaction
 from .extractor import WaveletExpertExtractor
-from .head import FPNHead
+from .head import make_head
 from .stages import stages_of
 
 EXTRA_EXTRACTORS = 2  # after the last interaction
@@ -39,6 +41,12 @@ def token_centres(grid: tuple[int, int], device: torch.device, dtype: torch.dtyp
     return torch.stack([xs.flatten(), ys.flatten()], -1)[None]
 
 
+def pad_to_multiple(x: torch.Tensor) -> torch.Tensor:
+    """Edge-replicate x (B, C, H, W) to sides divisible by MULTIPLE."""
+    pad_h, pad_w = -x.shape[-2] % MULTIPLE, -x.shape[-1] % MULTIPLE
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+
+
 class WEFT(AdapterState, nn.Module):
     """forward(image (B, C, H, W), any size) -> per-pixel logits (B, num_classes, H, W), class 0 = background.
 
@@ -48,7 +56,9 @@ class WEFT(AdapterState, nn.Module):
     each stage's output is projected to it (`out_proj`, identities on a ViT).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int = 2, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self, backbone: nn.Module, num_classes: int = 2, drop_path_rate: float = 0.0, head: str = "mask2former"
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.stages = stages_of(backbone)
@@ -62,7 +72,7 @@ class WEFT(AdapterState, nn.Module):
         )
         self.out_proj = nn.ModuleList(nn.Identity() if d == dim else nn.Conv2d(d, dim, 1) for d in dims)
         self.fusion_norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(4))
-        self.head = FPNHead(dim, num_classes)
+        self.head = make_head(head, dim, num_classes)
         apply_freezing(self, POLICY)
 
     def interact(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
@@ -103,12 +113,22 @@ class WEFT(AdapterState, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        pad_h, pad_w = -h % MULTIPLE, -w % MULTIPLE
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x = pad_to_multiple(x)
         logits = self.head(self.features(x))
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :h, :w]
+
+    def loss(self, x: torch.Tensor, label: torch.Tensor, balance: bool = True) -> torch.Tensor:
+        """The head's training loss on normalised images x (B, C, H, W) and class labels (B, H, W), IGNORE where
+        unknown (the padding too); `balance` weighs classes equally where the head's loss does not already."""
+        x = pad_to_multiple(x)
+        pad = (0, x.shape[-1] - label.shape[-1], 0, x.shape[-2] - label.shape[-2])
+        return self.head.loss(self.features(x), F.pad(label, pad, value=IGNORE), balance)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the frozen backbone's blocks in the backward pass (backend/models/peft/checkpointing.py)."""
+        layers = getattr(self.backbone, "layers", None)  # TinyViT's stages, else a plain ViT's blocks
+        checkpoint_blocks([b for layer in layers for b in layer.blocks] if layers is not None else self.backbone.blocks)
 
     def adapter_keys(self) -> Callable[[str], bool]:
         """The adapter: everything but the frozen backbone (trainable tensors and BatchNorm statistics)."""

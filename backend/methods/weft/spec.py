@@ -23,6 +23,7 @@ from backend.models.backbones.loading import read_checkpoint
 from backend.params import (
     AOI,
     BANDS,
+    CHECKPOINTING,
     EPOCHS,
     LR,
     MIN_AREA_M2,
@@ -42,6 +43,7 @@ from backend.training.areas import TrainingArea
 from backend.training.image_data import load_labelled_image
 from backend.training.normalize import normalizer
 
+from .head import HEADS
 from .model import WEFT
 from .outputs import CLASSES_OUTPUT, OBJECTS, ObjectClassesOutputs, object_style
 from .training import normalization, recipe
@@ -82,6 +84,15 @@ FINETUNE_PARAMS = (
         step=0.1,
         group="finetune",
     ),
+    Param(
+        "head",
+        str,
+        "Segmentation head: the paper's Mask2Former (100 queries, 9 decoder layers, Hungarian matching) or a "
+        "light FPN head (fewer parameters, faster steps on a CPU).",
+        default="mask2former",
+        choices=HEADS,
+        group="finetune",
+    ),
     EPOCHS.but(default=10),
     STEPS_PER_EPOCH.but(default=20),
     TRAIN_BATCH_SIZE.but(
@@ -94,6 +105,7 @@ FINETUNE_PARAMS = (
     LR.but(default=2e-4, help="Learning rate (Adam; the paper: AdamW at 5e-5 with layer decay over 80k steps)."),
     VAL_FRACTION.but(default=0.25),
     PATIENCE.but(default=5, help="Stop after this many epochs without a better validation mIoU."),
+    CHECKPOINTING,
     Param(
         "balance_classes",
         bool,
@@ -158,7 +170,9 @@ def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[s
     path = checkpoints.get(backbone)
     if path:
         FAMILIES[info.family].load_official(encoder, read_checkpoint(path))
-    return WEFT(encoder, num_classes=config["num_classes"], drop_path_rate=config["drop_path"])
+    # Adapters saved before the head became a choice carry the FPN head.
+    head = config.get("head", "fpn")
+    return WEFT(encoder, num_classes=config["num_classes"], drop_path_rate=config["drop_path"], head=head)
 
 
 def prepare(ctx: JobContext, p: dict[str, Any]) -> Training:
@@ -177,7 +191,12 @@ def training_on(
     out for validation, as the held-out benchmark does with several images)."""
     norm = normalization(areas, p["backbone"], dtype)
     classes = ["background", *names]
-    config = {"num_classes": len(classes), "patch_size": p["patch_size"], "drop_path": p["drop_path"]}
+    config = {
+        "num_classes": len(classes),
+        "patch_size": p["patch_size"],
+        "drop_path": p["drop_path"],
+        "head": p["head"],
+    }
     return Training(
         bands=bands,
         dtype=dtype,
@@ -246,7 +265,7 @@ SPEC = register(
         prepare=prepare,
         apply_summary="Segment objects in a raster with a WEFT adapter.",
         apply_params=SEGMENT_PARAMS,
-        build_config=("num_classes", "drop_path"),
+        build_config=("num_classes", "drop_path", "head"),
         open=open_segment,
         outputs=(*OBJECTS.declared(), CLASSES_OUTPUT),
         apply_verb="segment",

@@ -1,13 +1,13 @@
 """WEFT's fine-tuning recipe on the shared training loop (methods.md §1.3, departures below).
 
 The encoder's own normalisation for 8-bit RGB, else the labelled area's own statistics (the paper normalises
-per dataset), patches
-sampled inside the labelled area with every other one holding an object, flips and 90° turns plus a photometric
-jitter (brightness and contrast per patch, in the spirit of PhotoMetricDistortion), validation on a held-out part
-of the area, the best epoch by mIoU as the official configs keep it. Departures for a few hundred steps on the
-analyst's labels, each a parameter: the light FPN head instead of Mask2Former, the loop's Adam at lr 2e-4
-instead of AdamW at 5e-5 with layer decay, class-balanced cross-entropy (objects are rare in a scene) with the
-object threshold chosen on the validation patches.
+per dataset), patches sampled inside the labelled area with every other one holding an object, flips and 90°
+turns plus a photometric jitter (brightness and contrast per patch, in the spirit of PhotoMetricDistortion),
+validation on a held-out part of the area, the best epoch by mIoU as the official configs keep it; the head's own
+loss (Mask2Former's deep-supervised set loss, or the FPN head's cross-entropy). Departures for a few hundred steps
+on the analyst's labels, each a parameter: the loop's Adam at lr 2e-4 instead of AdamW at 5e-5 with layer decay,
+class-balanced cross-entropy for the FPN head (objects are rare in a scene), the object threshold chosen on the
+validation patches, activation checkpointing of the frozen blocks on CUDA.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from backend.io.rasterize import IGNORE
 from backend.metrics.segmentation import THRESHOLDS, ConfusionMatrix
+from backend.models.peft.checkpointing import wants_checkpointing
 from backend.training.areas import TrainingArea, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.normalize import Normalize, normalizer
@@ -36,16 +37,6 @@ def normalization(areas: list[TrainingArea], backbone: str | None, dtype: np.dty
     """The normalisation over the labelled pixels (backend/training/normalize.py)."""
     pixels = np.concatenate([a.images[0][:, a.label != IGNORE] for a in areas], axis=1)
     return shared_normalization(pixels, backbone, dtype)
-
-
-def segmentation_loss(logits: torch.Tensor, label: torch.Tensor, balance: bool = True) -> torch.Tensor:
-    """Cross-entropy over classes, IGNORE excluded; with `balance` each class present weighs the same."""
-    per_px = nn.functional.cross_entropy(logits, label.long(), ignore_index=IGNORE, reduction="none")
-    known = label != IGNORE
-    if not balance:
-        return per_px[known].mean() if known.any() else per_px.sum() * 0
-    parts = [per_px[label == k].mean() for k in torch.unique(label[known]).tolist()]
-    return torch.stack(parts).mean() if parts else per_px.sum() * 0
 
 
 def jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -105,6 +96,8 @@ def recipe(
     num_classes: int,
 ) -> Recipe:
     """WEFT's recipe on labelled areas (`p`: objects.finetune's parameters)."""
+    if wants_checkpointing(p["checkpointing"], device):
+        model.enable_activation_checkpointing()  # type: ignore[operator]
     patch = p["patch_size"]
     train_parts, val_parts = train_val_parts(areas, patch, p["val_fraction"])
     sampler = LabelledPatchSampler(train_parts, patch, seed=SEED)
@@ -115,7 +108,7 @@ def recipe(
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, y = batch
-        return segmentation_loss(model(jitter(normalize(x), generator)).float(), y, p["balance_classes"])
+        return model.loss(jitter(normalize(x), generator), y, p["balance_classes"])
 
     def describe(m: dict[str, Any]) -> str:
         words = f"mIoU {m['miou']:.3f}"
