@@ -256,7 +256,8 @@ PATIENCE = Param(
 CHECKPOINTING = Param(
     "checkpointing",
     str,
-    "Recompute the frozen encoder's blocks in the backward pass to save memory (auto: on for CUDA).",
+    "Recompute the encoder's (and the adapter's heaviest) activations in the backward pass instead of keeping "
+    "them: less memory, slower steps (auto: on for CUDA).",
     default="auto",
     choices=("auto", "on", "off"),
     group="finetune",

@@ -138,7 +138,7 @@ def run_child(kind: str, kwargs: dict[str, Any], env: dict[str, str] | None = No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-backbone", default=VITL, choices=list(WEFT_SPEC.backbones))
-    parser.add_argument("--segment-backbones", nargs="+", default=["vit_tiny", "mobile_sam", VITL])
+    parser.add_argument("--segment-backbones", nargs="*", default=["vit_tiny", "mobile_sam", VITL])
     parser.add_argument("--head", default="mask2former", choices=["mask2former", "fpn"])
     parser.add_argument("--patch", type=int, default=256, help="training patch size")
     parser.add_argument("--batch", type=int, default=2, help="training patches per step")

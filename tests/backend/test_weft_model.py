@@ -259,3 +259,31 @@ def test_trainable_parameters_at_vit_l_scale_match_the_papers_modules() -> None:
     # The Mask2Former head (not counted by the paper's 11.96M): 2.42M, which with the backbone side gives the
     # ≈ 14.4M that the paper's 4.52 % trainable implies (less the unused cosine weights).
     assert round(n(model.head) / 1e6, 2) == 2.42
+
+
+def test_activation_checkpointing_changes_no_loss_gradient_or_batchnorm_statistic() -> None:
+    """Recomputing the frozen blocks and WEFT's own modules in the backward pass saves memory, nothing else: the
+    same loss, gradients and BatchNorm running statistics (updated once per step), drop path replayed."""
+    x, label = torch.randn(2, 3, 64, 64), torch.randint(0, 2, (2, 64, 64))
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_weft(drop_path_rate=0.3).train()
+        with torch.no_grad():
+            for interaction in model.interactions:
+                interaction.injector.gamma.fill_(0.1)
+        if checkpointing:
+            model.enable_activation_checkpointing()
+        torch.manual_seed(1)
+        loss = model.loss(x, label)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+        runs.append((loss.detach(), grads, stats))
+    (loss0, grads0, stats0), (loss1, grads1, stats1) = runs
+    assert torch.allclose(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and len(grads0) > 100
+    for name, g in grads0.items():
+        assert torch.allclose(g, grads1[name], atol=1e-5, rtol=1e-4), name
+    assert stats0.keys() == stats1.keys()
+    for name, b in stats0.items():
+        assert torch.allclose(b, stats1[name], atol=1e-6), name

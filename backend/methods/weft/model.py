@@ -126,9 +126,16 @@ class WEFT(AdapterState, nn.Module):
         return self.head.loss(self.features(x), F.pad(label, pad, value=IGNORE), balance)
 
     def enable_activation_checkpointing(self) -> None:
-        """Recompute the frozen backbone's blocks in the backward pass (backend/models/peft/checkpointing.py)."""
+        """Recompute in the backward pass the frozen backbone's blocks and WEFT's own heavy modules — the wavelet
+        experts, each injector and extractor, the Mask2Former pixel decoder's layers — whose activations are most
+        of PEFT's memory (measured in docs/BENCHMARKS.md); backend/models/peft/checkpointing.py."""
         layers = getattr(self.backbone, "layers", None)  # TinyViT's stages, else a plain ViT's blocks
-        checkpoint_blocks([b for layer in layers for b in layer.blocks] if layers is not None else self.backbone.blocks)
+        frozen = [b for layer in layers for b in layer.blocks] if layers is not None else list(self.backbone.blocks)
+        adapter = [self.extractor.experts]
+        for interaction in self.interactions:
+            adapter += [interaction.injector, interaction.extractor, *interaction.extra]
+        pixel_decoder = getattr(self.head, "pixel_decoder", None)  # Mask2Former's; the FPN head has none
+        checkpoint_blocks(frozen + adapter + (list(pixel_decoder.layers) if pixel_decoder is not None else []))
 
     def adapter_keys(self) -> Callable[[str], bool]:
         """The adapter: everything but the frozen backbone (trainable tensors and BatchNorm statistics)."""
