@@ -10,6 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def token_centres(grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, h*w, 2) reference points: the centres of the token grid as (x, y) in [0, 1], row-major."""
+    h, w = grid
+    ys, xs = torch.meshgrid(
+        (torch.arange(h, device=device, dtype=dtype) + 0.5) / h,
+        (torch.arange(w, device=device, dtype=dtype) + 0.5) / w,
+        indexing="ij",
+    )
+    return torch.stack([xs.flatten(), ys.flatten()], -1)[None]
+
+
 def ms_deform_attn(
     value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:

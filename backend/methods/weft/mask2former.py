@@ -20,7 +20,7 @@ from torch import nn
 
 from backend.io.rasterize import IGNORE
 
-from .deform_attn import MSDeformAttn
+from .deform_attn import MSDeformAttn, token_centres
 
 CHANNELS, QUERIES, FFN = 96, 100, 320  # the configs' feature width, queries and FFN width
 HEADS, POINTS = 8, 4
@@ -113,7 +113,7 @@ class PixelDecoder(nn.Module):
             ],
             1,
         )
-        reference = torch.cat([_centres(h, w, tokens) for h, w in shapes], 0)[None].expand(b, -1, -1)
+        reference = torch.cat([token_centres(s, tokens.device, tokens.dtype) for s in shapes], 1).expand(b, -1, -1)
         for layer in self.layers:
             tokens = layer(tokens, pos, reference, shapes)
         outs = [
@@ -124,15 +124,6 @@ class PixelDecoder(nn.Module):
             outs[-1], size=feats[0].shape[-2:], mode="bilinear", align_corners=False
         )
         return self.mask_features(self.output(fine)), outs
-
-
-def _centres(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-    ys, xs = torch.meshgrid(
-        (torch.arange(h, device=like.device, dtype=like.dtype) + 0.5) / h,
-        (torch.arange(w, device=like.device, dtype=like.dtype) + 0.5) / w,
-        indexing="ij",
-    )
-    return torch.stack([xs.flatten(), ys.flatten()], -1)
 
 
 class DecoderLayer(nn.Module):
@@ -226,20 +217,17 @@ class Mask2FormerHead(nn.Module):
         IGNORE pixels count for neither the masks nor the matching. `balance` changes nothing: each class present
         already has its own mask, whose BCE and dice weigh the same whatever its size."""
         targets = [self._targets(y) for y in label]
-        total = sum(
+        return sum(
             (self._set_loss(cls.float(), masks.float(), targets) for cls, masks in self.predictions(feats)),
             torch.zeros((), device=label.device),
         )
-        return total
 
     def _targets(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One binary mask per class present: (classes (T,), masks (T, 1, H, W), valid (1, 1, H, W))."""
         valid = y != IGNORE
         classes = torch.unique(y[valid]).long()
-        masks = (
-            torch.stack([(y == k) for k in classes]).float()[:, None] if len(classes) else y.new_zeros(0, 1, *y.shape)
-        )
-        return classes, masks.float(), valid[None, None].float()
+        masks = torch.stack([y == k for k in classes]).float() if len(classes) else torch.zeros(0, *y.shape)
+        return classes, masks[:, None].to(y.device), valid[None, None].float()
 
     def _set_loss(
         self,

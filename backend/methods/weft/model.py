@@ -16,6 +16,7 @@ from backend.models.peft.freeze import FreezePolicy, apply_freezing
 from backend.models.peft.state import AdapterState
 
 from .adapter import Interaction
+from .deform_attn import token_centres
 from .extractor import WaveletExpertExtractor
 from .head import make_head
 from .stages import stages_of
@@ -28,17 +29,6 @@ HIERARCHICAL_WIDTH = 256  # the wavelet tokens' width on a hierarchical backbone
 POLICY = FreezePolicy(
     adapters=False, trainable=("extractor.*", "interactions.*", "out_proj.*", "fusion_norms.*", "head.*")
 )
-
-
-def token_centres(grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(1, h*w, 2) reference points: the centres of the token grid as (x, y) in [0, 1], row-major."""
-    h, w = grid
-    ys, xs = torch.meshgrid(
-        (torch.arange(h, device=device, dtype=dtype) + 0.5) / h,
-        (torch.arange(w, device=device, dtype=dtype) + 0.5) / w,
-        indexing="ij",
-    )
-    return torch.stack([xs.flatten(), ys.flatten()], -1)[None]
 
 
 def pad_to_multiple(x: torch.Tensor) -> torch.Tensor:
