@@ -84,6 +84,13 @@ def wait_job(dock) -> Iterator[Callable[[], bool]]:
     yield lambda: dock.runner.current_task is None
 
 
+def run_job(dock) -> Iterator[Callable[[], bool]]:
+    """Run the Run tab's job as it is filled in and wait until it has finished."""
+    assert dock.runner.run() is not None, dock.run_tab.message.text()
+    yield from wait_job(dock)
+    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+
+
 def wait_render() -> Iterator[Callable[[], bool]]:
     canvas = iface.mapCanvas()
     canvas.refresh()
@@ -121,9 +128,7 @@ def steps() -> Iterator[Callable[[], bool]]:
     dock.run_tab.form.set_value("after", after)
     dock.run_tab.form.set_value("min_area_m2", 20.0)
     dock.run_tab.form.set_value("out_dir", str(OUT / "results"))
-    assert dock.runner.run() is not None, dock.run_tab.message.text()
-    yield from wait_job(dock)
-    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    yield from run_job(dock)
     result["detect"] = layer_facts(dock.runner.last_layers)
     result["before"] = layer_facts([before])[0]
     dock.tabs.setCurrentIndex(0)
@@ -209,9 +214,7 @@ def steps() -> Iterator[Callable[[], bool]]:
     dock.run_tab.form.set_value("before", before)
     dock.run_tab.form.set_value("after", after)
     dock.run_tab.form.set_value("out_dir", str(OUT / "results"))
-    assert dock.runner.run() is not None, dock.run_tab.message.text()
-    yield from wait_job(dock)
-    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    yield from run_job(dock)
     result["detect_again"] = layer_facts(dock.runner.last_layers)
     result["detect_again_adapter"] = APPLY_ADAPTER
     dock.tabs.setCurrentIndex(0)
@@ -248,9 +251,7 @@ def steps() -> Iterator[Callable[[], bool]]:
     yield lambda: any(a.get("name") == "walkthrough-buildings" for a in (library.adapters or []))
     dock.runner.apply_now("objects.segment", "walkthrough-buildings")
     dock.run_tab.form.set_value("out_dir", str(OUT / "results"))
-    assert dock.runner.run() is not None, dock.run_tab.message.text()
-    yield from wait_job(dock)
-    assert dock.runner.last_outcome.get("status") == "finished", dock.runner.last_outcome
+    yield from run_job(dock)
     result["objects"] = layer_facts(dock.runner.last_layers)
     result["objects_image"] = layer_facts([scene])[0]
     dock.tabs.setCurrentIndex(1)
