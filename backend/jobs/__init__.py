@@ -11,6 +11,7 @@ from backend.jobs import (
     change_cva,
     change_evaluate,
     finetune,
+    landcover_evaluate,
     models,
     objects_evaluate,
     pansharpen_classic,
@@ -22,6 +23,7 @@ from backend.methods.spec import discover
 CLASSIC: tuple[JobSpec, ...] = (
     change_cva.SPEC,
     change_evaluate.SPEC,
+    landcover_evaluate.SPEC,
     objects_evaluate.SPEC,
     pansharpen_classic.SPEC,
     pansharpen_evaluate.SPEC,
@@ -31,7 +33,8 @@ CLASSIC: tuple[JobSpec, ...] = (
 def _all_jobs() -> dict[str, JobSpec]:
     jobs = {spec.name: spec for spec in CLASSIC}
     for method in discover().values():
-        for spec in (finetune.job(method), apply.job(method)):
+        own = (finetune.job(method), apply.job(method), finetune.pretraining_job(method))
+        for spec in filter(None, own):
             if spec.name in jobs:
                 raise ValueError(f"Method {method.name} offers {spec.name}, which another job already has.")
             jobs[spec.name] = spec

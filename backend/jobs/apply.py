@@ -4,6 +4,7 @@ batch halving on CUDA out-of-memory) into the method's outputs."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -76,7 +77,7 @@ def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, 
     paths = {part: training_checkpoint(part, shas.get(part), meta.name) for part in parts}
     if meta.config.get("random_backbone_seed") is not None:
         ctx.warn(f"The adapter '{meta.name}' was trained on a randomly initialised {meta.backbone} backbone.")
-    built_from = tuple(meta.config.get(k) for k in method.build_config)
+    built_from = json.dumps([meta.config.get(k) for k in method.build_config])  # hashable, lists included
     key = (method.name, meta.backbone, len(meta.bands), built_from, tuple(sorted(shas.items())), tuple(paths.items()))
     model, reused = loaded_model(key, lambda: method.build(meta.backbone, meta.config, len(meta.bands), paths))
     if reused:

@@ -4,9 +4,11 @@ train by the method's recipe on the one training loop, and save the adapter in t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from backend import adapters
 from backend.adapters import AdapterMeta
@@ -29,7 +31,8 @@ from backend.runtime import resolve_device
 from backend.training.loop import fit
 
 
-def params(method: MethodSpec) -> tuple[Param, ...]:
+def params(method: MethodSpec, own: tuple[Param, ...] | None = None) -> tuple[Param, ...]:
+    """The job's parameters: the method's own (its fine-tuning ones by default) and the generic ones."""
     backbone = Param(
         "backbone",
         str,
@@ -38,10 +41,17 @@ def params(method: MethodSpec) -> tuple[Param, ...]:
         choices=tuple(method.backbones),
         group="method",
     )
-    return in_group_order((*method.finetune_params, ADAPTER_NAME, backbone, ALLOW_RANDOM_BACKBONE, DEVICE, OVERWRITE))
+    own = method.finetune_params if own is None else own
+    return in_group_order((*own, ADAPTER_NAME, backbone, ALLOW_RANDOM_BACKBONE, DEVICE, OVERWRITE))
 
 
-def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
+def run(
+    method: MethodSpec,
+    ctx: JobContext,
+    p: dict[str, Any],
+    declared: tuple[Param, ...],
+    prepare: Callable[[JobContext, dict[str, Any]], Training] | None = None,
+) -> JobResult:
     ctx.protect_inputs(*input_paths(declared, p))
     resolve_device(p["device"])  # a wrong device fails before the data is read
     name = adapters.sanitize(p["adapter_name"])
@@ -50,7 +60,7 @@ def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[
             INVALID_INPUT, f"An adapter named '{name}' already exists.", "Choose another name or allow overwriting."
         )
     checkpoints = frozen_checkpoints(method, ctx, p)  # missing weights fail before the data is read
-    return train_and_save(method, ctx, p, method.prepare(ctx, p), checkpoints)
+    return train_and_save(method, ctx, p, (prepare or method.prepare)(ctx, p), checkpoints)
 
 
 def frozen_checkpoints(method: MethodSpec, ctx: JobContext, p: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -74,6 +84,8 @@ def train_and_save(
     paths = {part: path for part, (path, _) in checkpoints.items()}
     release_loaded_model()
     model = method.build(p["backbone"], training.config, len(training.bands), paths)
+    if training.init_state is not None:
+        load_shared(model, training.init_state)
     counted = count_parameters(model)
     ctx.log(f"{method.title} on {p['backbone']}: {counted}")
     recipe = training.recipe(model, resolve_device(p["device"]))
@@ -119,6 +131,40 @@ def train_and_save(
     metrics |= val
     metrics["finetune_seconds"] = seconds  # the training loop alone (data reading and model building excluded)
     return JobResult(metrics=metrics)
+
+
+def load_shared(model: Any, state: dict[str, Any]) -> None:
+    """Load the tensors of an earlier stage's adapter that this model's adapter also has (same name and shape)."""
+    own = model.adapter_state_dict()
+    shared = {k: v for k, v in state.items() if k in own}
+    if not shared:
+        raise JobError(INVALID_INPUT, "The adapter to start from shares no weights with this model.")
+    misfit = sorted(k for k, v in shared.items() if v.shape != own[k].shape)
+    if misfit:
+        raise JobError(
+            INVALID_INPUT,
+            f"The adapter to start from does not fit this model ({', '.join(misfit[:3])} differ in shape).",
+            "Start from an adapter made for the same bands and backbone.",
+        )
+    with torch.no_grad():
+        for k, v in shared.items():
+            own[k].copy_(v)
+
+
+def pretraining_job(method: MethodSpec) -> JobSpec | None:
+    """`<task>.<verb>` for a method with an unlabelled first stage (MethodSpec.pretraining)."""
+    stage = method.pretraining
+    if stage is None:
+        return None
+    declared = params(method, stage.params)
+    return JobSpec(
+        f"{method.task}.{stage.verb}",
+        stage.summary,
+        declared,
+        lambda ctx, p: run(method, ctx, p, declared, stage.prepare),
+        title=stage.title,
+        method=method.name,
+    )
 
 
 def job(method: MethodSpec) -> JobSpec:

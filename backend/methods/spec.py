@@ -53,6 +53,8 @@ class Training:
     classes: list[str] = field(default_factory=list)
     areas: int = 1
     report: Callable[[nn.Module, FitResult], dict[str, Any]] = lambda model, result: {}
+    # Adapter tensors to start from (an earlier stage's adapter): those the model shares are loaded before training.
+    init_state: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -72,6 +74,18 @@ class Application:
     close: Callable[[], None] = lambda: None
     overlap: int | None = None  # with `tile`, when the job gives neither (None: a quarter of the tile)
     output_bytes_per_pixel: float = 5.0  # uncompressed, all outputs (default: float32 probability + uint8 mask)
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """A first training stage on unlabelled imagery offered as a job of its own, `<task>.<verb>` (SpectralX's
+    landcover.adapt); it saves an adapter that the fine-tune job's `init_adapter` starts from."""
+
+    verb: str
+    title: str
+    summary: str
+    params: tuple[Param, ...]
+    prepare: Callable[[JobContext, dict[str, Any]], Training]
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class MethodSpec:
     build_config: tuple[str, ...] = ()
     # The apply job's throughput on a CPU, measured (docs/BENCHMARKS.md), for the pre-flight time estimate.
     cpu_mp_per_s: float | None = None
+    pretraining: Pretraining | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}

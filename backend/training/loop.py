@@ -29,6 +29,8 @@ class Stage:
     enter: Callable[[], None] = lambda: None
     # Made per stage from its optimiser and stepped after every step (None: constant learning rate).
     schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None
+    # The stage's optimiser over its trainable parameters at `lr` (None: Adam).
+    optimizer: Callable[[list[nn.Parameter], float], torch.optim.Optimizer] | None = None
 
 
 @dataclass
@@ -79,7 +81,8 @@ def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
         stage.enter()
         if best is not None and recipe.resume_best:
             model.load_adapter_state(best.best_state)  # type: ignore[operator]
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=stage.lr)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = (stage.optimizer or (lambda ps, lr: torch.optim.Adam(ps, lr=lr)))(trainable, stage.lr)
         schedule = stage.schedule(optimizer) if stage.schedule else None
         prefix = f"{stage.title}, " if stage.title else ""
         stale = 0

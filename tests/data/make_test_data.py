@@ -72,6 +72,41 @@ def main() -> None:
             out.write(img.read())
     for f in ("geotiff_labels.geojson", "LICENSE-SOURCE.txt"):
         shutil.copyfile(src / f, sn / f)
+    ukis()
+
+
+# ukis-csmask: reference masks {0 cloud shadow, 1 water, 3 clear land, 4 cloud} -> land-cover classes 1 … 4.
+UKIS_CLASSES = {3: 1, 1: 2, 4: 3, 0: 4}
+UKIS_NAMES = ("clear", "water", "cloud", "shadow")
+# The npz files carry no georeference: the tiles get a made-up 30 m UTM grid, so the GIS tests have one.
+UKIS_GRIDS = {"sentinel2": ("EPSG:32633", 500_000.0, 5_300_000.0), "landsat7": ("EPSG:32632", 600_000.0, 5_200_000.0)}
+
+
+def ukis() -> None:
+    """256² crops of the ukis-csmask Sentinel-2 and Landsat-7 samples (6 bands: blue, green, red, NIR, SWIR 1,
+    SWIR 2, float32 reflectance) and their class rasters; the Sentinel-2 tile carries its band wavelengths in
+    GDAL's IMAGERY metadata, the Landsat-7 tile none (tests name its sensor)."""
+    from backend.io.wavelengths import SENSORS
+
+    src, out = SHARED / "ms_segmentation" / "ukis_csmask_cloud", HERE / "ukis"
+    out.mkdir(exist_ok=True)
+    for sensor, (crs, west, north) in UKIS_GRIDS.items():
+        data = np.load(src / f"{sensor}.npz")
+        img = data["img"][:256, :256].transpose(2, 0, 1).astype(np.float32)
+        msk = data["msk"][:256, :256, 0]
+        classes = np.zeros_like(msk)
+        for value, k in UKIS_CLASSES.items():
+            classes[msk == value] = k
+        tf = rasterio.Affine(30.0, 0, west, 0, -30.0, north)
+        base = dict(driver="GTiff", width=256, height=256, crs=crs, transform=tf, compress="deflate")
+        with rasterio.open(out / f"{sensor}.tif", "w", count=6, dtype="float32", predictor=3, **base) as ds:
+            ds.write(img)
+            if sensor == "sentinel2":
+                for b, wl in enumerate(SENSORS["sentinel2_6"][1], 1):
+                    ds.update_tags(b, ns="IMAGERY", CENTRAL_WAVELENGTH_UM=f"{wl / 1000:.4f}")
+        with rasterio.open(out / f"{sensor}_classes.tif", "w", count=1, dtype="uint8", predictor=2, **base) as ds:
+            ds.write(classes[None])
+    shutil.copyfile(src / "LICENSE-SOURCE.txt", out / "LICENSE-SOURCE.txt")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ VARIANTS: dict[str, ViTConfig] = {
     # SpectralX feeds Scale-MAE with input_res 10 (reference/methods.md §2.1); callers may pass another GSD.
     "scalemae_vit_l": ViTConfig(layout="scalemae", input_res=10.0),
     "tiny": ViTConfig(layout="uniperceiver", embed_dim=32, depth=2, num_heads=4, patch_size=4, pretrain_size=32),
+    # SpectralX's miniature: HyperT needs the 16-pixel patch and a pretraining size divisible by 32.
+    "scalemae_tiny": ViTConfig(layout="scalemae", embed_dim=64, depth=4, num_heads=4, pretrain_size=64, input_res=10.0),
     # WEFT's miniature keeps the real 16-pixel patch (its adapter assembles 1/4 … 1/32 maps around the ViT's 1/16).
     "tiny16": ViTConfig(layout="uniperceiver", embed_dim=32, depth=4, num_heads=4, pretrain_size=64),
 }
