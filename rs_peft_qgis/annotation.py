@@ -27,7 +27,7 @@ from rs_peft_qgis.layers import LayerError, aoi_from_selection, polygon_file, sa
 ANNOTATION_FIELDS: dict[str, list[tuple[str, str]]] = {
     "change": [("change", "int")],  # 1 = change, 0 = no change: change.finetune's label_field
     "objects": [("class", "string")],  # a name ("tank", "ship"): objects.finetune turns names into classes
-    "landcover": [("class", "int"), ("class_name", "string")],
+    "landcover": [("class", "string")],  # a name ("water", "forest"): landcover.finetune's classes, as named
 }
 # Semantic change (change.finetune's mode "scd"): the classes before and after the change, as fields of the
 # annotation layer -> the fine-tune parameters that read them.
@@ -36,7 +36,7 @@ SEMANTIC_PARAMS: dict[str, str] = {"from_field": "from_class", "to_field": "to_c
 # Task id -> the field a fine-tune of that task reads its labels from, and its value for a polygon drawn without
 # editing its form (an expression): a positive label.
 LABEL_FIELD: dict[str, str] = {"change": "change", "objects": "class", "landcover": "class"}
-LABEL_DEFAULT: dict[str, str] = {"change": "1", "objects": "'object'", "landcover": "1"}
+LABEL_DEFAULT: dict[str, str] = {"change": "1", "objects": "'object'", "landcover": "'class 1'"}
 NOTE_FIELD = "note"
 ANNOTATION_DIR_NAME = "rs_peft_annotations"
 _TITLES = {"change": "Change", "objects": "Object", "landcover": "Land-cover"}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.io.pairs import RATIO_TOLERANCE
+from backend.io.wavelengths import SENSORS
 from backend.jobs import JOBS
 from backend.jobs.base import JobSpec
 from backend.methods.spec import METHODS
@@ -26,7 +27,10 @@ TASKS = {
     "landcover": "Land-cover mapping",
 }
 # Task-specific constants the plugin's form hooks need (the backend's own rules, not copies).
-HINTS: dict[str, dict[str, Any]] = {"pansharpen": {"ratio_tolerance": RATIO_TOLERANCE}}
+HINTS: dict[str, dict[str, Any]] = {
+    "pansharpen": {"ratio_tolerance": RATIO_TOLERANCE},
+    "landcover": {"sensors": {name: list(wavelengths) for name, (_, wavelengths) in SENSORS.items()}},
+}
 KINDS = {"raster", "vector", "polygons", "layer", "folder", "adapter", "field", "bands"}
 _PLAIN_KIND = {str: "string", int: "int", float: "float", bool: "bool", list: "ints"}
 

@@ -115,8 +115,8 @@ class RunTab(QWidget):
             form = JobForm(job, self.stack, task.hints if task is not None else {})
             self.forms[job_name] = form
             self.stack.addWidget(form)
-            if form.adapter_picker is not None:
-                self.library.attach(form.adapter_picker)
+            for picker in form.adapter_pickers:
+                self.library.attach(picker)
         return form
 
     def set_task(self, task_id: str) -> None:
@@ -156,14 +156,15 @@ class RunTab(QWidget):
         self.show_message("")
 
     def apply_job(self, task_id: str | None = None) -> JobInfo | None:
-        """The task's job that applies an adapter (it has an `adapter` parameter)."""
-        return next(
-            (j for j in self.catalog.task_jobs(task_id or self.task_id) if any(p.kind == "adapter" for p in j.params)),
-            None,
-        )
+        """The task's job that applies an adapter (it requires one: `adapter`, not an optional adapter to start from
+        or to name classes by)."""
+        jobs = self.catalog.task_jobs(task_id or self.task_id)
+        return next((j for j in jobs if any(p.kind == "adapter" and p.required for p in j.params)), None)
 
     def finetune_job(self, task_id: str | None = None) -> JobInfo | None:
-        return next((j for j in self.catalog.task_jobs(task_id or self.task_id) if j.trains), None)
+        """The task's fine-tuning job on labels (`<task>.finetune`; a first stage, landcover.adapt, trains too)."""
+        trains = [j for j in self.catalog.task_jobs(task_id or self.task_id) if j.trains]
+        return next((j for j in trains if j.name.endswith(".finetune")), trains[0] if trains else None)
 
     # --- feedback -------------------------------------------------------------------------------
     def show_message(self, text: str) -> None:

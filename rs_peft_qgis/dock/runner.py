@@ -166,24 +166,36 @@ class JobRunner(QObject):
         name = metrics.get("adapter") or ""
         text = f"Adapter '{name}' saved to the library{training_summary(metrics, job.stages)}."
         self.tab.append_log(text)
-        apply = self.tab.apply_job(job.task)
-        if apply is not None and name:
-            self.tab.form_for(apply.name).set_value("adapter", name)  # picked as soon as the library list has it
+        step = self._next_step(job)
+        if step is not None and name:
+            self.tab.form_for(step[0]).set_value(step[1], name)  # picked as soon as the library list has it
         self.library.refresh()
         bar = self.iface.messageBar()
         item = bar.createMessage(LOG_TAG, text)
-        if apply is not None and name:
-            button = QPushButton("Apply now", item)
+        if step is not None and name:
+            job_name, param, label = step
+            button = QPushButton(label, item)
             button.setObjectName("applyNowButton")
-            button.clicked.connect(lambda: self.apply_now(apply.name, name))
+            button.clicked.connect(lambda: self.apply_now(job_name, name, param))
             item.layout().addWidget(button)
             self.apply_now_button = button
         bar.pushWidget(item, Qgis.MessageLevel.Success, 0)
 
-    def apply_now(self, job_name: str, adapter: str) -> None:
-        """Switch to the task's apply job with the new adapter chosen."""
+    def _next_step(self, job: JobInfo) -> tuple[str, str, str] | None:
+        """(job, its adapter parameter, button label) that takes the new adapter: after a first stage on unlabelled
+        imagery (landcover.adapt) the fine-tune that starts from it, else the task's apply job."""
+        finetune = self.tab.finetune_job(job.task)
+        if finetune is not None and finetune.name != job.name:
+            start = next((p for p in finetune.params if p.kind == "adapter"), None)
+            if start is not None:
+                return finetune.name, start.name, "Fine-tune now"
+        apply = self.tab.apply_job(job.task)
+        return (apply.name, "adapter", "Apply now") if apply is not None else None
+
+    def apply_now(self, job_name: str, adapter: str, param: str = "adapter") -> None:
+        """Switch to the next job (apply, or the fine-tune after a first stage) with the new adapter chosen."""
         self.tab.set_job(job_name)
-        self.tab.form.set_value("adapter", adapter)
+        self.tab.form.set_value(param, adapter)
         self.runTabWanted.emit()
 
     def shutdown(self) -> None:

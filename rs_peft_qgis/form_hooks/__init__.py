@@ -7,11 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rs_peft_qgis.form_hooks import pansharpen
+from rs_peft_qgis.form_hooks import landcover, pansharpen
 
 # Task id -> hook(form). A hook adds widgets and behaviour through the form's generic API: `job`, `widgets`,
 # `value()`, `add_row_below()`, the `valueChanged(name)` signal.
-HOOKS: dict[str, Callable[[Any], None]] = {"pansharpen": pansharpen.add_ratio_hint}
+HOOKS: dict[str, Callable[[Any], None]] = {
+    "pansharpen": pansharpen.add_ratio_hint,
+    "landcover": landcover.add_wavelength_hint,
+}
 
 
 def apply(form: Any) -> None:

@@ -44,9 +44,11 @@ class AdapterPicker(QWidget):
     refreshRequested = pyqtSignal()
     EMPTY = "No adapter in the library yet — fine-tune one first"
 
-    def __init__(self, method: str, parent: QWidget | None = None) -> None:
+    NONE = "None"
+
+    def __init__(self, method: str, parent: QWidget | None = None, optional: bool = False) -> None:
         super().__init__(parent)
-        self.method = method
+        self.method, self.optional = method, optional
         self.combo = QComboBox(self)
         shrinkable(self.combo)
         self.refresh = QToolButton(self)
@@ -64,10 +66,12 @@ class AdapterPicker(QWidget):
         keep = self._wanted or self.value()
         self.combo.clear()
         mine = [a for a in adapters if not self.method or a.get("method") == self.method]
+        if self.optional:  # an adapter to start from, or to name classes by: none is a valid choice
+            self.combo.addItem(self.NONE, None)
         for meta in mine:
             self.combo.addItem(meta["name"], meta["name"])
             self.combo.setItemData(self.combo.count() - 1, adapter_tooltip(meta), Qt.ItemDataRole.ToolTipRole)
-        if not mine:
+        if not mine and not self.optional:
             self.combo.addItem("Reading the adapter library…" if loading else self.EMPTY, None)
         if keep and self.combo.findData(keep) >= 0:
             self.combo.setCurrentIndex(self.combo.findData(keep))

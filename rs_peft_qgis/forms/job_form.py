@@ -104,7 +104,7 @@ class JobForm(QWidget):
             box.setAllowEmptyFieldName(not p.required)
             return box
         if p.kind == "adapter":
-            return AdapterPicker(self.job.method or "", self)
+            return AdapterPicker(self.job.method or "", self, optional=not p.required)
         if p.kind == "folder":
             widget = QgsFileWidget(self)
             widget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
@@ -170,8 +170,14 @@ class JobForm(QWidget):
 
     # --- values ---------------------------------------------------------------------------------
     @property
+    def adapter_pickers(self) -> list[AdapterPicker]:
+        return [w for w in self.widgets.values() if isinstance(w, AdapterPicker)]
+
+    @property
     def adapter_picker(self) -> AdapterPicker | None:
-        return next((w for w in self.widgets.values() if isinstance(w, AdapterPicker)), None)
+        """The picker of the adapter the job runs (a required one), else the first."""
+        pickers = self.adapter_pickers
+        return next((w for w in pickers if not w.optional), pickers[0] if pickers else None)
 
     def param(self, name: str) -> ParamInfo:
         param = self.job.param(name)

@@ -189,10 +189,15 @@ def number_widget(param: ParamInfo) -> QWidget:
     return box
 
 
+NOT_SET = "(not set)"
+
+
 def choice_combo(param: ParamInfo, preferred: Any, parent: QWidget | None = None) -> QComboBox:
     """The parameter's choices; editable when the catalog says they are suggestions ("cuda:1" stays possible).
     Starts on `preferred` (a default from the plugin's settings), else on the catalog's default."""
     box = shrinkable(QComboBox(parent))
+    if not param.editable and not param.required and param.default is None:
+        box.addItem(NOT_SET, None)  # an optional choice (e.g. a sensor where the raster says its wavelengths)
     for choice in param.choices or ():
         box.addItem(str(choice), choice)
     box.setEditable(param.editable)

@@ -91,13 +91,10 @@ def test_other_tasks_get_their_class_fields(qgis_new_project, tmp_path, task) ->
         assert layer.fields().names()[1:] == [n for n, _ in ANNOTATION_FIELDS[task]] + ["note"]
         idx = layer.fields().indexOf(LABEL_FIELD[task])
         kinds = {f.name(): f.isNumeric() for f in layer.fields()}
-        if task == "objects":  # object classes are names ("tank"); a polygon drawn as it is, an "object"
-            assert layer.defaultValueDefinition(idx).expression() == "'object'" and kinds["class"] is False
-        else:
-            assert layer.defaultValueDefinition(idx).expression() == "1" and kinds["class"] is True
+        # Classes are names ("tank", "water"); a polygon drawn as it is, an "object" or "class 1".
+        default = {"objects": "'object'", "landcover": "'class 1'"}[task]
+        assert layer.defaultValueDefinition(idx).expression() == default and kinds["class"] is False
         assert kinds["note"] is False
-        if task == "landcover":
-            assert kinds["class_name"] is False
     finally:
         _cleanup(qgis_new_project, layer)
 

@@ -20,7 +20,7 @@ from qgis.core import (
 )
 from qgis.gui import QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget, QgsSpinBox
 from qgis.PyQt import sip
-from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDockWidget, QLineEdit
+from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDockWidget, QLabel, QLineEdit
 
 from rs_peft_qgis import catalog
 from rs_peft_qgis.forms.adapter_picker import AdapterPicker
@@ -153,7 +153,8 @@ def test_every_catalog_job_gets_a_form_with_the_right_widget_per_kind(dock) -> N
                 assert isinstance(widget, QComboBox), p.name
                 assert form.value(p.name) == (p.default if p.name != "device" else "auto")
                 assert widget.isEditable() == p.editable, p.name  # the device: "cuda:1" can be typed
-                assert [widget.itemData(i) for i in range(widget.count())] == list(p.choices), p.name
+                unset = [None] if not (p.editable or p.required or p.default is not None) else []  # "(not set)"
+                assert [widget.itemData(i) for i in range(widget.count())] == unset + list(p.choices), p.name
             else:
                 assert isinstance(widget, expected[p.kind]), (name, p.name, type(widget))
             in_advanced = form.advanced.isAncestorOf(widget)
@@ -598,6 +599,88 @@ def test_objects_annotate_finetune_segment_and_inspect_from_the_dock(dock, qgis_
     assert names == {"segment object probability", "segment object mask", "segment object classes", "segment objects"}
     if dock.inspect_tab.inspector is not None:  # the objects go to the Inspect tab for review
         assert dock.inspect_tab.inspector.layer.name() == "segment objects"
+    layer.rollBack()
+    QgsProject.instance().setFileName("")
+
+
+def test_landcover_adapt_annotate_finetune_and_map_from_the_dock(dock, qgis_iface, tmp_path) -> None:
+    """The land-cover task round trip on a real Sentinel-2 tile (ukis-csmask, 6 bands with their wavelengths in
+    the metadata): the wavelength hint, "adapt to this imagery" (stage 1), class polygons drawn in an annotation
+    layer, a fine-tune that starts from stage 1, and a map of the Landsat-7 tile named by its sensor."""
+    ukis = ROOT / "tests" / "data" / "ukis"
+    s2, l7 = add_raster(ukis / "sentinel2.tif", "sentinel-2"), add_raster(ukis / "landsat7.tif", "landsat-7")
+    QgsProject.instance().setCrs(s2.crs())
+    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
+    fast = {**FAST_FINETUNE, "backbone": "scalemae_tiny"}
+    del fast["patch_size"]  # SpectralX's patch is its encoder's input size
+    dock.run_tab.set_job("landcover.adapt")
+    adapt = dock.run_tab.form
+    adapt.set_value("image", s2)
+    hint = adapt.findChild(QLabel, "wavelengthHint")
+    assert hint.text() == "Wavelengths from the raster: 492, 560, 665, 833, 1614, 2202 nm."
+    adapt.set_value("image", l7)
+    assert "does not say which wavelength" in hint.text()
+    adapt.set_value("sensor", "landsat7")
+    assert hint.text() == "Wavelengths of landsat7: 485, 560, 660, 835, 1650, 2220 nm."
+    adapt.set_value("sensor", None)
+    adapt.set_value("image", s2)
+    for name, value in {**fast, "adapter_name": "dock-lc-stage1", "overwrite": True}.items():
+        adapt.set_value(name, value)
+    task = dock.runner.run()
+    assert task is not None, dock.run_tab.message.text()
+    wait_done(dock)
+    assert task.outcome["status"] == "finished", task.outcome
+    # The next step is the fine-tune, starting from the stage-1 adapter.
+    assert dock.runner.apply_now_button.text() == "Fine-tune now"
+    finetune = dock.run_tab.form_for("landcover.finetune")
+    start = finetune.widgets["init_adapter"]
+    assert start.names() and start.combo.itemText(0) == AdapterPicker.NONE
+    wait_until(lambda: finetune.value("init_adapter") == "dock-lc-stage1", timeout_milliseconds=60_000)
+
+    dock.run_tab.set_job("landcover.finetune")
+    for name, value in {**fast, "adapter_name": "dock-lc", "overwrite": True}.items():
+        finetune.set_value(name, value)
+    layer = dock.annotate_tab.new_annotation_layer()
+    assert layer is not None and "class" in layer.fields().names()
+    full = s2.extent()  # a cloud and two stretches of clear land of the tile (its reference mask says so)
+    boxes = (
+        ((0.13, 0.51, 0.24, 0.62), "cloud"),
+        ((0.13, 0.26, 0.49, 0.37), "clear"),
+        ((0.26, 0.88, 0.37, 0.99), "clear"),
+    )
+    for (x0, y0, x1, y1), kind in boxes:
+        f = QgsFeature(layer.fields())
+        f.setGeometry(QgsGeometry.fromRect(part_of(full, x0, y0, x1, y1)))
+        f["class"] = kind
+        assert layer.addFeature(f)
+    area = QgsVectorLayer(f"Polygon?crs={s2.crs().authid()}", "training area", "memory")
+    f = QgsFeature(area.fields())
+    f.setGeometry(QgsGeometry.fromRect(full))
+    area.dataProvider().addFeatures([f])
+    QgsProject.instance().addMapLayer(area)
+    area.selectAll()
+    dock.annotate_tab.area_combo.setLayer(area)
+    task = dock.annotate_tab.finetune_on_selection()
+    assert task is not None, dock.run_tab.message.text()
+    assert task.params["label_field"] == "class" and task.params["init_adapter"] == "dock-lc-stage1"
+    wait_done(dock)
+    assert task.outcome["status"] == "finished", task.outcome
+    map_form = dock.run_tab.form_for("landcover.map")
+    wait_until(lambda: "dock-lc" in map_form.adapter_picker.names(), timeout_milliseconds=60_000)
+    dock.runner.apply_now("landcover.map", "dock-lc")
+    assert dock.run_tab.job.name == "landcover.map"
+    dock.run_tab.form.set_value("image", l7)
+    dock.run_tab.form.set_value("sensor", "landsat7")
+    dock.run_tab.form.set_value("out_dir", str(tmp_path / "results"))
+    mapped = dock.runner.run()
+    assert mapped is not None, dock.run_tab.message.text()
+    wait_done(dock)
+    assert mapped.outcome["status"] == "finished", mapped.outcome
+    layers = {layer.name(): layer for layer in dock.runner.last_layers}
+    assert set(layers) == {"map land cover", "map land-cover confidence", "map land-cover polygons"}
+    renderer = layers["map land cover"].renderer()  # the style file beside the raster names the classes
+    assert renderer.type() == "paletted"
+    assert {c.label for c in renderer.classes()} == {"clear", "cloud"}
     layer.rollBack()
     QgsProject.instance().setFileName("")
 

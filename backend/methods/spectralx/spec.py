@@ -68,9 +68,8 @@ WAVELENGTHS = Param(
 SENSOR = Param(
     "sensor",
     str,
-    "Sensor whose band wavelengths to use when the raster does not carry them: "
-    + "; ".join(f"{k} ({v[0]})" for k, v in SENSORS.items())
-    + ".",
+    "Sensor whose band wavelengths to use when the raster does not carry them (Sentinel-2 L1C/L2A or its 6 "
+    "common bands, Landsat 5/7/8/9, WorldView-2/3, PlanetScope 4/8 bands), in the product's band order.",
     choices=tuple(SENSORS),
     prominent=True,
 )
