@@ -158,7 +158,7 @@ def test_selected_polygons_become_the_area_of_interest(qgis_new_project, tmp_pat
 
 def test_every_task_labels_a_field_of_its_layer() -> None:
     # The dock builds fine-tune parameters from this table: the label field must be a field of the layer, an
-    # integer one except for objects, whose classes are names.
+    # integer one for change (1 / 0), text for objects and land cover, whose classes are names.
     assert set(ANNOTATION_FIELDS) == set(LABEL_FIELD) == set(LABEL_DEFAULT)
     for task, field in LABEL_FIELD.items():
-        assert (field, "string" if task == "objects" else "int") in ANNOTATION_FIELDS[task]
+        assert (field, "int" if task == "change" else "string") in ANNOTATION_FIELDS[task]

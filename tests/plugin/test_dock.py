@@ -633,9 +633,8 @@ def test_landcover_adapt_annotate_finetune_and_map_from_the_dock(dock, qgis_ifac
     # The next step is the fine-tune, starting from the stage-1 adapter.
     assert dock.runner.apply_now_button.text() == "Fine-tune now"
     finetune = dock.run_tab.form_for("landcover.finetune")
-    start = finetune.widgets["init_adapter"]
-    assert start.names() and start.combo.itemText(0) == AdapterPicker.NONE
     wait_until(lambda: finetune.value("init_adapter") == "dock-lc-stage1", timeout_milliseconds=60_000)
+    assert finetune.widgets["init_adapter"].combo.itemText(0) == AdapterPicker.NONE  # starting from none is allowed
 
     dock.run_tab.set_job("landcover.finetune")
     for name, value in {**fast, "adapter_name": "dock-lc", "overwrite": True}.items():
