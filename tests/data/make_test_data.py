@@ -107,6 +107,22 @@ def ukis() -> None:
         with rasterio.open(out / f"{sensor}_classes.tif", "w", count=1, dtype="uint8", predictor=2, **base) as ds:
             ds.write(classes[None])
     shutil.copyfile(src / "LICENSE-SOURCE.txt", out / "LICENSE-SOURCE.txt")
+    ukis_labels(out)
+
+
+def ukis_labels(out: Path, min_pixels: int = 20) -> None:
+    """What an analyst would draw on the Sentinel-2 tile's left half: its reference classes as named polygons
+    (regions of at least `min_pixels`), for the desktop walkthrough."""
+    import fiona
+    from rasterio.features import shapes, sieve
+
+    with rasterio.open(out / "sentinel2_classes.tif") as ds:
+        classes, transform, crs = ds.read(1), ds.transform, ds.crs.to_string()
+    left = sieve(classes[:, :128], min_pixels)
+    schema = {"geometry": "Polygon", "properties": {"class": "str"}}
+    with fiona.open(out / "sentinel2_labels.gpkg", "w", driver="GPKG", crs=crs, schema=schema) as dst:
+        for geom, value in shapes(left, mask=left > 0, transform=transform):
+            dst.write({"geometry": geom, "properties": {"class": UKIS_NAMES[int(value) - 1]}})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,16 @@ import json
 import sys
 from pathlib import Path
 
-SHOTS = ("01_detect", "02_inspect", "03_swipe", "04_annotate", "05_finetune", "06_detect_again", "07_objects")
+SHOTS = (
+    "01_detect",
+    "02_inspect",
+    "03_swipe",
+    "04_annotate",
+    "05_finetune",
+    "06_detect_again",
+    "07_objects",
+    "08_landcover",
+)
 
 
 def problems(out: Path) -> list[str]:
@@ -38,6 +47,11 @@ def problems(out: Path) -> list[str]:
     objects = r["objects"]
     if len(objects) != 3 or any(layer["crs"] != r["objects_image"]["crs"] for layer in objects):
         found.append(f"objects: expected 3 result layers in the image's CRS, got {objects}")
+    landcover = r["landcover"]
+    if len(landcover) != 3 or any(layer["crs"] != r["landcover_image"]["crs"] for layer in landcover):
+        found.append(f"land cover: expected 3 result layers in the image's CRS, got {landcover}")
+    if r["landcover_renderer"] != "paletted":
+        found.append(f"land cover: the class raster is drawn by a {r['landcover_renderer']} renderer, not paletted")
     found += [f"missing screenshot {s}.png" for s in SHOTS if not (out / f"{s}.png").is_file()]
     return found
 
