@@ -292,6 +292,7 @@ def steps() -> Iterator[Callable[[], bool]]:
         finetune.set_value(key, value)
     finetune.set_value("adapter_name", "walkthrough-landcover")
     finetune.set_value("overwrite", True)
+    project.setCrs(s2.crs())  # the annotation layer is made in the project's CRS: the Sentinel-2 scene's
     classes = dock.annotate_tab.new_annotation_layer()
     drawn = QgsVectorLayer(str(ukis / "sentinel2_labels.gpkg"), "reference classes", "ogr")
     for feat in drawn.getFeatures():  # what the analyst would draw on the Sentinel-2 scene's left half
@@ -320,6 +321,8 @@ def steps() -> Iterator[Callable[[], bool]]:
     classes.rollBack()
     project.removeMapLayer(classes.id())
     project.removeMapLayer(s2.id())
+    project.setCrs(l7.crs())
+    iface.mapCanvas().setDestinationCrs(l7.crs())
     iface.mapCanvas().setExtent(l7.extent())
     yield from wait_render()
     shot("08_landcover")
