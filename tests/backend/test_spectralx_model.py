@@ -189,3 +189,25 @@ def test_landcover_scores_against_a_hand_computed_confusion_matrix() -> None:
     assert [c["name"] for c in s["per_class"]] == ["a", "b"] and s["classes_scored"] == 2
     with pytest.raises(ValueError):
         landcover_scores(np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("stage", ["adapt", "segment"])
+def test_activation_checkpointing_changes_no_loss_gradient_or_batchnorm_statistic(stage: str) -> None:
+    import copy
+
+    plain = model(stage).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.enable_activation_checkpointing()
+    x, y = torch.randn(2, 6, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    results = []
+    for m in (plain, ckpt):
+        torch.manual_seed(0)  # the same noise in AoMoA's gates, masks and dropout for both
+        loss = m.reconstruction_loss(x) if stage == "adapt" else m.segmentation_loss(x, y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        stats = {k: v.clone() for k, v in m.state_dict().items() if "running_" in k}
+        results.append((loss.detach(), grads, stats))
+    (l0, g0, s0), (l1, g1, s1) = results
+    assert torch.allclose(l0, l1) and g0.keys() == g1.keys() and s0.keys() == s1.keys()
+    assert all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
+    assert all(torch.allclose(s0[k], s1[k], atol=1e-6) for k in s0)

@@ -146,8 +146,18 @@ class SpectralX(AdapterState, nn.Module):
         return masked_loss(low, target_low, mask) + masked_loss(high, target_high, mask)
 
     def enable_activation_checkpointing(self) -> None:
-        """Recompute the ViT's blocks in the backward pass (backend/models/peft/checkpointing.py)."""
-        checkpoint_blocks(self.backbone.blocks)
+        """Recompute in the backward pass the ViT's blocks, HyperT's attribute blocks and, per stage, the
+        reconstruction decoder's blocks or the Are-adapter and UPerNet's convolutions (each its own segment, so
+        that one recomputation at a time is alive): backend/models/peft/checkpointing.py."""
+        h = self.hypert
+        modules = [*self.backbone.blocks, h.spatial_block, h.spectral_block]
+        if self.stage == "adapt":
+            modules += list(self.reconstruction.blocks)
+        else:
+            neck, head = self.decoder.neck, self.decoder.decode_head
+            modules += [self.are, *neck.lateral_convs, *neck.convs, *head.psp, head.bottleneck]
+            modules += [*head.lateral_convs, *head.fpn_convs, head.fpn_bottleneck]
+        checkpoint_blocks(modules)
 
     def adapter_keys(self) -> Callable[[str], bool]:
         """What the ViT checkpoint and HYPERT_SEED do not give: the trained parameters, the cls token and every
