@@ -15,7 +15,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from backend.io.raster import Grid, RasterSource
-from backend.io.rasterize import IGNORE, Polygons, rasterize_labels
+from backend.io.rasterize import IGNORE, Polygons, aoi_grid, rasterize_labels
 from backend.protocol import INVALID_INPUT, JobError
 
 # Without an AOI the whole raster (or the dates' overlap) is the training area; beyond this many pixels, ask for an AOI.
@@ -56,7 +56,8 @@ def read_label_rasters(
     are known (valid in every raster and inside the AOI), and the grid they were read on."""
     sub, known = grid, None
     if aoi is not None:
-        inside, sub = rasterize_labels(aoi, grid)  # the AOI burned as 1 on its own sub-grid
+        sub = aoi_grid(grid, aoi)  # only the AOI's part of the grid is read
+        inside, _ = rasterize_labels(aoi, sub)  # the AOI burned as 1 on it
         known = inside > 0
     else:
         check_size(grid)
@@ -77,8 +78,12 @@ class Split:
     val: tuple[slice, slice]
 
 
-def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float) -> Split:
-    """Cut the area along its longer side: the last `val_fraction` (at least one patch) validates."""
+def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float, known: np.ndarray | None = None) -> Split:
+    """Cut the area along its longer side: the last `val_fraction` (at least one patch) validates.
+
+    With `known` (H, W), where labels are known, the cut holds back the last `val_fraction` of the labelled
+    pixels rather than of the extent, so that sparse labels (a few polygons in a large area) leave labels on both
+    sides; for labels that fill the area the two agree."""
     h, w = shape
     axis_len = max(h, w)
     n_val = max(round(axis_len * val_fraction), patch)
@@ -89,6 +94,12 @@ def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float) -> Sp
             "Choose a larger area of interest or a smaller patch size.",
         )
     cut = axis_len - n_val
+    if known is not None and known.any():
+        along = np.flatnonzero(known.any(axis=1 if h >= w else 0))  # rows (or columns) that hold labels
+        counts = known.sum(axis=1 if h >= w else 0)[along]
+        index = np.searchsorted(np.cumsum(counts), (1 - val_fraction) * counts.sum())
+        at = along[min(int(index), len(along) - 1)]
+        cut = int(min(max(at + 1, patch), axis_len - patch))  # the train part ends after that row
     if h >= w:
         return Split((slice(0, cut), slice(0, w)), (slice(cut, h), slice(0, w)))
     return Split((slice(0, h), slice(0, cut)), (slice(0, h), slice(cut, w)))
@@ -100,7 +111,7 @@ Part = tuple[TrainingArea, tuple[slice, slice]]
 def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) -> tuple[list[Part], list[Part]]:
     """One area: split by area. Several: whole areas are held out for validation (the last ones)."""
     if len(areas) == 1:
-        split = split_by_area(areas[0].shape, patch, val_fraction)
+        split = split_by_area(areas[0].shape, patch, val_fraction, areas[0].label != IGNORE)
         return [(areas[0], split.train)], [(areas[0], split.val)]
     for a in areas:
         if min(a.shape) < patch:

@@ -181,3 +181,31 @@ def test_spectral_resampling_interpolates_in_wavelength() -> None:
     assert any("1374" in n for n in notes)  # cirrus, between SWIR bands 835 and 1650 nm
     with pytest.raises(JobError, match="outside what this raster measures"):
         resampling_matrix([490, 560, 665], [842])
+
+
+def test_a_class_raster_with_an_aoi_is_read_on_the_aoi_part_only(tmp_path: Path) -> None:
+    from backend.training.image_data import load_labelled_image
+
+    with rasterio.open(S2) as src:
+        left, bottom, _, top = src.bounds
+    aoi = tmp_path / "left.gpkg"
+    ring = [(left, top), (left + 100 * 30, top), (left + 100 * 30, bottom), (left, bottom), (left, top)]
+    with fiona.open(aoi, "w", driver="GPKG", crs="EPSG:32633", schema={"geometry": "Polygon", "properties": {}}) as f:
+        f.write({"geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}})
+    area, names = load_labelled_image(str(S2), str(S2_CLASSES), str(aoi), unlabelled="ignore")
+    assert area.shape == (256, 100) and area.grid.bounds[2] == pytest.approx(left + 3000)
+    with rasterio.open(S2_CLASSES) as src:
+        assert np.array_equal(area.label, src.read(1)[:, :100])  # every pixel labelled: none IGNORE
+    assert names == ["class 1", "class 2", "class 3", "class 4"]
+
+
+def test_sparse_labels_leave_labels_on_both_sides_of_the_validation_cut() -> None:
+    from backend.training.areas import split_by_area
+
+    known = np.zeros((100, 400), bool)
+    known[:, 20:60] = known[:, 200:220] = True  # two polygons in the left half of a wide area
+    split = split_by_area(known.shape, 16, 0.25, known)
+    assert known[split.train].sum() and known[split.val].sum()
+    assert known[split.val].sum() / known.sum() == pytest.approx(0.25, abs=0.05)
+    dense = split_by_area(known.shape, 16, 0.25, np.ones_like(known))
+    assert dense == split_by_area(known.shape, 16, 0.25)  # labels that fill the area: the cut by extent

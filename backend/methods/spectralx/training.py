@@ -20,6 +20,7 @@ from backend.io.rasterize import IGNORE
 from backend.metrics.landcover import landcover_scores
 from backend.metrics.segmentation import ConfusionMatrix
 from backend.models.peft.checkpointing import wants_checkpointing
+from backend.protocol import INVALID_INPUT, JobError
 from backend.training.areas import TrainingArea, split_by_area, train_val_parts, val_patches
 from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.normalize import normalizer
@@ -63,6 +64,12 @@ def segment_recipe(
     train_parts, val_parts = train_val_parts([area], patch, p["val_fraction"])
     sampler = LabelledPatchSampler(train_parts, patch, seed=SEED)
     val = [x for part in val_parts for x in val_patches(part, patch)]
+    if not val:
+        raise JobError(
+            INVALID_INPUT,
+            "All the labels lie in one strip of the labelled area, so none is left to validate on.",
+            "Draw labels across the area (or choose a smaller area of interest around them).",
+        )
     dev = torch.device(device)
     normalize = normalizer(norm, dev)
 
