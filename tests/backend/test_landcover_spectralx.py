@@ -135,6 +135,25 @@ def test_the_sentinel_2_adapter_maps_landsat_7_through_its_wavelengths(trained: 
     assert run("landcover.evaluate", prediction=str(classes), reference=str(L7_CLASSES)).metrics["oa"] > 0
 
 
+def test_any_data_type_maps_alike_since_each_scene_is_standardised(trained: object, library: Path) -> None:
+    """The Sentinel-2 tile as scaled integers (reflectance × 10,000 in uint16, as many products ship it) maps to
+    the same classes as its float32 reflectance."""
+    with rasterio.open(S2) as src:
+        profile, data = src.profile, src.read()
+        tags = [src.tags(b, ns="IMAGERY") for b in range(1, 7)]
+    scaled = library / "s2_uint16.tif"
+    with rasterio.open(scaled, "w", **(profile | {"dtype": "uint16", "predictor": 2})) as dst:
+        dst.write(np.round(data * 10_000).astype(np.uint16))
+        for b, t in enumerate(tags, 1):
+            dst.update_tags(b, ns="IMAGERY", **t)
+    maps = []
+    for image, out in ((S2, "float"), (scaled, "uint16")):
+        result = run("landcover.map", image=str(image), adapter="s2", out_dir=str(library / out))
+        with rasterio.open(next(o.path for o in result.outputs if o.key == "classes")) as ds:
+            maps.append(ds.read(1))
+    assert np.mean(maps[0] == maps[1]) > 0.99  # the integers' rounding aside
+
+
 def test_refusals_are_plain(trained: object, library: Path, tmp_path: Path) -> None:
     labels = class_polygons(tmp_path / "l7.gpkg", L7_CLASSES)
     with pytest.raises(JobError, match="does not say which wavelength"):

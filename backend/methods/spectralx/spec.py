@@ -365,6 +365,7 @@ SPEC = register(
         finetune_title="Fine-tune a SpectralX adapter",
         apply_title="Map land cover (SpectralX adapter)",
         task_title="Map land cover",
+        cpu_mp_per_s=0.02,  # scalemae_vit_l, batches of 4 tiles of 224², 2-core dev VM (docs/BENCHMARKS.md)
         build_config=("stage", "wavelengths", "num_classes", "hypert_trainable", "log_space", "mask_ratio"),
         pretraining=Pretraining(
             "adapt",
