@@ -302,8 +302,11 @@ class JobAlgorithm(QgsProcessingAlgorithm):
         details = QgsProcessingContext.LayerDetails(out.get("layer_name") or out["key"], context.project(), out["key"])
         details.groupName = self.job.title
         details.layerSortKey = 1 if out["kind"] == "vector" else 0  # outlines above the rasters
-        if out.get("style") and (styles_dir() / out["style"]).is_file():
-            processor = StylePostProcessor(styles_dir() / out["style"])
+        # A shipped style by name, else a style the job wrote beside the file (land cover's, naming the adapter's
+        # classes), which QGIS's own layer loading would pick up but Processing's does not.
+        qml = styles_dir() / out["style"] if out.get("style") else Path(out["path"]).with_suffix(".qml")
+        if qml.is_file():
+            processor = StylePostProcessor(qml)
             _POST_PROCESSORS[:] = [p for p in _POST_PROCESSORS if not sip.isdeleted(p)]
             _POST_PROCESSORS.append(processor)
             details.setPostProcessor(processor)

@@ -353,6 +353,33 @@ def test_results_load_styled_in_a_group_after_the_run(provider, tmp_path, qgis_n
         project.removeAllMapLayers()
 
 
+def test_land_cover_adapt_finetune_and_map_from_the_toolbox(provider, tmp_path, qgis_new_project) -> None:
+    """SpectralX through Processing on real ukis-csmask tiles: stage 1, stage 2 from it, and a map of the other
+    sensor's tile loaded with the adapter's class names (the style file the job writes beside the raster)."""
+    import processing
+
+    ukis = ROOT / "tests" / "data" / "ukis"
+    fast = {"backbone": "scalemae_tiny", "allow_random_backbone": True, "epochs": 2, "steps_per_epoch": 2}
+    fast |= {"batch_size": 2, "overwrite": True, "device": "cpu"}
+    run("landcover_adapt", {"image": str(ukis / "sentinel2.tif"), "adapter_name": "proc-lc-1", **fast})
+    labels = {"labels": str(ukis / "sentinel2_labels.gpkg"), "label_field": "class", "init_adapter": "proc-lc-1"}
+    tuned = run("landcover_finetune", {"image": str(ukis / "sentinel2.tif"), "adapter_name": "proc-lc"} | labels | fast)
+    assert json.loads(tuned[METRICS])["adapter"] == "proc-lc"
+    params = {"image": str(ukis / "landsat7.tif"), "sensor": "landsat7", "adapter": "proc-lc", "device": "cpu"}
+    results = processing.runAndLoadResults("rs_peft:landcover_map", params | {"out_dir": str(tmp_path / "map")})
+    assert "class" in Path(results["classes"]).name
+    project = QgsProject.instance()
+    try:
+        classes = next(
+            layer for layer in project.mapLayers().values() if layer.source().endswith("_landcover_classes.tif")
+        )
+        assert classes.renderer().type() == "paletted"
+        assert {c.label for c in classes.renderer().classes()} == {"clear", "cloud", "shadow"}
+        del classes
+    finally:
+        project.removeAllMapLayers()
+
+
 def test_a_model_chains_detection_into_evaluation(provider, tmp_path) -> None:
     import processing
 
