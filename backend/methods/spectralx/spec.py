@@ -228,9 +228,11 @@ def prepare_adapt(ctx: JobContext, p: dict[str, Any]) -> Training:
     norm = scene_normalization(p["image"], setup.bands, identity)
     image = fill_invalid(x, valid, norm["mean"])
     config = base_config(p, "adapt", setup.wavelengths, setup.source) | {"mask_ratio": p["mask_ratio"]}
+    with RasterSource(p["image"], setup.bands, what="image") as src:
+        dtype = src.dtype  # the raster's own (the pixels were read as float32)
     return Training(
         bands=setup.bands,
-        dtype=np.dtype(x.dtype),
+        dtype=dtype,
         normalization=norm,
         grid=grid,
         config=config,
