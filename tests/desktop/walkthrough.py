@@ -324,6 +324,7 @@ def steps() -> Iterator[Callable[[], bool]]:
     project.setCrs(l7.crs())
     iface.mapCanvas().setDestinationCrs(l7.crs())
     iface.mapCanvas().setExtent(l7.extent())
+    dock.tabs.setCurrentIndex(0)  # the Run tab: the map job's form and log
     yield from wait_render()
     shot("08_landcover")
 
