@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from backend.methods.spectralx import SPEC
 from backend.methods.spectralx.spec import patch_size
 from bench import training_cost
 from bench.machine import machine_record
-from bench.training_cost import host_memory_mb, measure_steps, peak_mb, print_training_table, sync
+from bench.training_cost import measure_apply_job, measure_forward, measure_steps, print_training_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -98,45 +97,17 @@ def save_adapter(backbone: str, name: str) -> dict[str, Any]:
 
 
 def measure_map(image: str, adapter: str, batch: int, device: str, out_dir: str) -> dict[str, Any]:
-    """The landcover.map job: wall time, megapixels per second, peak memory."""
-    import rasterio
-
-    from backend.context import JobContext
-    from backend.jobs.base import run_job
-
-    spec = JOBS["landcover.map"]
-    params = {"image": image, "adapter": adapter, "out_dir": out_dir, "batch_size": batch, "device": device}
-    t0 = time.perf_counter()
-    result = run_job(spec, spec.validate(params | {"sensor": "landsat7"}), JobContext())
-    wall = time.perf_counter() - t0
-    with rasterio.open(image) as src:
-        megapixels = src.width * src.height / 1e6
-    return {
-        "wall_s": wall,
-        "megapixels": megapixels,
-        "mp_per_s": megapixels / wall,
-        "tile": result.metrics.get("tile"),
-        "peak_mb": peak_mb(device),
-        "host_peak_mb": host_memory_mb("VmHWM"),
-    }
+    """The landcover.map job (the Landsat-7 tile, named by its sensor): wall time, megapixels per second, peak
+    memory."""
+    params = {"adapter": adapter, "out_dir": out_dir, "batch_size": batch, "sensor": "landsat7"}
+    return measure_apply_job("landcover.map", params, image, device)
 
 
 def measure_tile(backbone: str, batch: int, device: str) -> dict[str, Any]:
-    """Bare forwards of `batch` tiles through SpectralX (bf16 autocast on CUDA, as the tiled predictor runs)."""
+    """Bare forwards of `batch` tiles of the encoder's input size through SpectralX."""
     torch.manual_seed(RANDOM_BACKBONE_SEED)
-    model = SPEC.build(backbone, config(backbone, "segment"), 6, {}).to(device).eval()
-    tile = model.size
-    x = torch.randn(batch, 6, tile, tile, device=device)
-    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        model(x)  # warm-up
-        sync(device)
-        t0, runs = time.perf_counter(), 0
-        while runs < 1 or time.perf_counter() - t0 < 3:
-            model(x)
-            sync(device)
-            runs += 1
-    seconds = (time.perf_counter() - t0) / runs
-    return {"s_per_batch": seconds, "mp_per_s": batch * tile * tile / 1e6 / seconds, "tile": tile, "batch": batch}
+    model = SPEC.build(backbone, config(backbone, "segment"), 6, {})
+    return measure_forward(model, torch.randn(batch, 6, model.size, model.size, device=device), device)
 
 
 def child(payload: str) -> None:

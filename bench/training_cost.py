@@ -104,6 +104,47 @@ def measure_steps(
     }
 
 
+def measure_apply_job(job: str, params: dict[str, Any], image: str, device: str) -> dict[str, Any]:
+    """An apply job (objects.segment, landcover.map …) on `image`: wall time, megapixels per second, peak memory."""
+    import rasterio
+
+    from backend.context import JobContext
+    from backend.jobs import JOBS
+    from backend.jobs.base import run_job
+
+    spec = JOBS[job]
+    t0 = time.perf_counter()
+    result = run_job(spec, spec.validate(params | {"image": image, "device": device}), JobContext())
+    wall = time.perf_counter() - t0
+    with rasterio.open(image) as src:
+        megapixels = src.width * src.height / 1e6
+    return {
+        "wall_s": wall,
+        "megapixels": megapixels,
+        "mp_per_s": megapixels / wall,
+        "tile": result.metrics.get("tile"),
+        "peak_mb": peak_mb(device),
+        "host_peak_mb": host_memory_mb("VmHWM"),
+    }
+
+
+def measure_forward(model: torch.nn.Module, x: torch.Tensor, device: str) -> dict[str, Any]:
+    """Bare forwards of a batch of tiles x (B, C, T, T), at least 3 s after a warm-up (bf16 autocast on CUDA, as
+    the tiled predictor runs)."""
+    model = model.to(device).eval()
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        model(x)  # warm-up
+        sync(device)
+        t0, runs = time.perf_counter(), 0
+        while runs < 1 or time.perf_counter() - t0 < 3:
+            model(x)
+            sync(device)
+            runs += 1
+    seconds = (time.perf_counter() - t0) / runs
+    batch, tile = x.shape[0], x.shape[-1]
+    return {"s_per_batch": seconds, "mp_per_s": batch * tile * tile / 1e6 / seconds, "tile": tile, "batch": batch}
+
+
 def run_child(module: str, kind: str, kwargs: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `module`.child((kind, kwargs)) in a fresh Python process and return the JSON record it prints last."""
     code = f"import sys; from {module} import child; child(sys.argv[1])"

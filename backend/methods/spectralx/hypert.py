@@ -169,7 +169,3 @@ class HyperTokenizer(nn.Module):
         tokens = self.ff(attr)
         lr = self.low_rank(x).flatten(2).transpose(1, 2)
         return (tokens + lr) * self.scale, spa, spe
-
-    def core_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The parameters that stay frozen as released (all but the low-rank branch and the scale)."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith(("low_rank.", "scale"))]
