@@ -8,12 +8,16 @@ told its sensor).
 
 Settings: in-domain (Sentinel-2: train on the left half, map the right half; Landsat-7: top half / bottom half)
 and across the sensor gap (train on all of one sensor's scene, map all of the other's, with its own wavelengths).
+`muufl` is hyperspectral: the MUUFL Gulfport CASI chip in tests/data/muufl (72 bands, 368-1043 nm, 20 x 31
+pixels, smaller than one patch) with 33 labelled pixels of 5 classes (blue, green and black calibration panels,
+trees, grass); half of each class is held out, over three random splits (few pixels: the spread is large).
 
 Methods, each on the same labels:
 * `rf` — a per-pixel random forest on the bands (scikit-learn), what SCP does; across sensors it is applied to
-  the other sensor's bands as they come (same band kinds);
+  the other sensor's bands as they come (same band kinds); on MUUFL, on the 72 bands of the training pixels;
 * `ukis` — the published ukis-csmask 6-band L1C U-Net (ONNX, run with onnxruntime), trained by its authors for
   cloud and shadow on many scenes: no training here, the bar for those two classes (it has no water class);
+  not run on MUUFL, whose CASI bands stop short of the SWIR bands it needs;
 * `spectralx` — SpectralX through the product's jobs: stage 1 (landcover.adapt) on the unlabelled target
   imagery, stage 2 (landcover.finetune) from it on the training labels, landcover.map on the target;
   `spectralx_stage2` — the same without stage 1, so the table shows what stage 1 buys.
@@ -22,9 +26,10 @@ Methods, each on the same labels:
   miniature for a quick check.
 
 Scores on the target (one confusion matrix each, methods.md §2.4): OA and mIoU over the four classes, and a
-three-class view (clear and water merged, as ukis-csmask sees them) with cloud and shadow IoU.
+three-class view (clear and water merged, as ukis-csmask sees them) with cloud and shadow IoU; on MUUFL, OA,
+mIoU and mean F1 over the five classes at the held-out pixels.
 
-    python -m bench.eval_landcover [--data ../shared/data] [--settings s2 l7 s2_to_l7 l7_to_s2]
+    python -m bench.eval_landcover [--data ../shared/data] [--settings s2 l7 s2_to_l7 l7_to_s2 muufl]
                                    [--methods rf ukis spectralx spectralx_stage2] [--steps 60] [--batch 4]
                                    [--backbone scalemae_vit_l]
 """
@@ -152,12 +157,13 @@ def random_forest(train: Scene, rows_cols: tuple[slice, slice], target: np.ndarr
     from sklearn.ensemble import RandomForestClassifier
 
     rng = np.random.default_rng(SEED)
-    x = train.pixels[:, rows_cols[0], rows_cols[1]].reshape(6, -1).T
+    bands = len(train.pixels)
+    x = train.pixels[:, rows_cols[0], rows_cols[1]].reshape(bands, -1).T
     y = train.label[rows_cols].ravel()
     take = rng.choice(np.flatnonzero(y > 0), size=min(20_000, int((y > 0).sum())), replace=False)
     forest = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, n_jobs=-1, random_state=SEED)
     forest.fit(x[take], y[take])
-    return forest.predict(target.reshape(6, -1).T).reshape(target.shape[1:]).astype(np.uint8)
+    return forest.predict(target.reshape(bands, -1).T).reshape(target.shape[1:]).astype(np.uint8)
 
 
 def ukis(target: np.ndarray) -> np.ndarray:
@@ -169,21 +175,44 @@ def ukis(target: np.ndarray) -> np.ndarray:
 
 
 def spectralx(
-    setting: str,
-    scenes: dict[str, Scene],
+    setting: str, scenes: dict[str, Scene], stage1: bool, args: argparse.Namespace, work: Path, log: dict
+) -> np.ndarray:
+    train_name, train_part, target_name, target_part = SETTINGS[setting]
+    train, target = scenes[train_name], scenes[target_name]
+
+    def sensor_of(name: str) -> dict:
+        return {} if name == "sentinel2" else {"sensor": SENSOR[name]}
+
+    return spectralx_run(
+        f"bench-{setting}-{'full' if stage1 else 'stage2'}",
+        (train.image, train.classes, aoi_file(train, train_part, work), sensor_of(train_name)),
+        (target.image, aoi_file(target, target_part, work), sensor_of(target_name)),
+        stage1,
+        args,
+        work,
+        log,
+    )
+
+
+Source = tuple[Path, Path | None, dict]  # image, AOI (None: all of it), sensor parameters
+
+
+def spectralx_run(
+    name: str,
+    train: tuple[Path, Path, Path | None, dict],  # image, class raster, AOI, sensor parameters
+    target: Source,
     stage1: bool,
     args: argparse.Namespace,
     work: Path,
     log: dict,
 ) -> np.ndarray:
+    """Stage 1 (when asked) on the unlabelled target, stage 2 on the training labels, map the target."""
     import rasterio
 
     from backend.context import JobContext
     from backend.jobs import JOBS
     from backend.jobs.base import run_job
 
-    train_name, train_part, target_name, target_part = SETTINGS[setting]
-    train, target = scenes[train_name], scenes[target_name]
     common = {"backbone": args.backbone, "allow_random_backbone": True, "overwrite": True}
     common |= {"epochs": max(args.steps // 10, 1), "steps_per_epoch": min(args.steps, 10), "batch_size": args.batch}
     common |= {"patience": args.steps}
@@ -193,46 +222,102 @@ def spectralx(
         ctx = JobContext(on_log=lambda level, msg, data=None: print(f"    {msg}") if level == "epoch" else None)
         return run_job(spec, spec.validate(params), ctx)
 
-    def sensor_of(name: str) -> dict:
-        return {} if name == "sentinel2" else {"sensor": SENSOR[name]}
-
-    name = f"bench-{setting}-{'full' if stage1 else 'stage2'}"
+    image, aoi, sensor = target
+    where = {"aoi": str(aoi) if aoi else None, **sensor}
     init = None
     started = time.monotonic()
     if stage1:  # on the target imagery, unlabelled (the part to be mapped)
-        aoi = aoi_file(target, target_part, work)
-        run("landcover.adapt", image=str(target.image), aoi=str(aoi) if aoi else None, adapter_name=f"{name}-1",
-            **sensor_of(target_name), **common)  # fmt: skip
+        run("landcover.adapt", image=str(image), adapter_name=f"{name}-1", **where, **common)
         init = f"{name}-1"
-    aoi = aoi_file(train, train_part, work)
+    t_image, t_classes, t_aoi, t_sensor = train
     trained = run(
         "landcover.finetune",
-        image=str(train.image),
-        labels=str(train.classes),
-        aoi=str(aoi) if aoi else None,
+        image=str(t_image),
+        labels=str(t_classes),
+        aoi=str(t_aoi) if t_aoi else None,
         adapter_name=name,
         init_adapter=init,
-        **sensor_of(train_name),
+        **t_sensor,
         **common,
     ).metrics
     log["trainable_parameters"] = trained["trainable_parameters"]
     log["train_seconds"] = time.monotonic() - started
-    out = work / name
-    aoi = aoi_file(target, target_part, work)
-    mapped = run(
-        "landcover.map",
-        image=str(target.image),
-        adapter=name,
-        aoi=str(aoi) if aoi else None,
-        out_dir=str(out),
-        **sensor_of(target_name),
-    )
+    mapped = run("landcover.map", image=str(image), adapter=name, out_dir=str(work / name), **where)
     path = next(o.path for o in mapped.outputs if o.key == "classes")
     with rasterio.open(path) as ds:
         return ds.read(1)
 
 
+MUUFL = ROOT / "tests" / "data" / "muufl"  # tests/data/make_test_data.py muufl(), from ../shared/data
+MUUFL_SPLITS = (0, 1, 2)
+
+
+def held_out_pixels(label: np.ndarray, seed: int) -> np.ndarray:
+    """Half of each class's labelled pixels (at least one), drawn with the seed: the test pixels."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(label.shape, bool)
+    for k in np.unique(label[label > 0]):
+        at = np.flatnonzero(label == k)
+        test.flat[rng.permutation(at)[: max(len(at) // 2, 1)]] = True
+    return test
+
+
+def run_muufl(args: argparse.Namespace, work: Path) -> dict:
+    """MUUFL Gulfport CASI (72 bands): the 20 x 31 chip's 33 labelled pixels of 5 classes, half of each class
+    held out, three random splits; SpectralX adapts to the chip itself (stage 1)."""
+    import rasterio
+
+    with rasterio.open(MUUFL / "class_demo.tif") as ds:
+        pixels = ds.read().astype(np.float32)
+    with rasterio.open(MUUFL / "class_demo_classes.tif") as ds:
+        label, profile = ds.read(1), ds.profile
+    print(f"muufl: {int((label > 0).sum())} labelled pixels of {label.max()} classes, half held out, 3 splits")
+    rows: dict[str, dict] = {}
+    for method in args.methods:
+        if method == "ukis":  # its U-Nets need SWIR 1.6/2.2 µm bands; CASI stops at 1.04 µm
+            continue
+        runs = []
+        for seed in MUUFL_SPLITS:
+            test = held_out_pixels(label, seed)
+            train_label = np.where(test, 0, label).astype(np.uint8)
+            started, extra = time.monotonic(), {}
+            if method == "rf":
+                scene = Scene(MUUFL / "class_demo.tif", Path(), pixels, train_label)
+                pred = random_forest(scene, part(label.shape, "all"), pixels)
+            else:
+                classes = work / f"muufl_train_{seed}.tif"
+                with rasterio.open(classes, "w", **profile) as ds:
+                    ds.write(train_label[None])
+                pred = spectralx_run(
+                    f"bench-muufl-{seed}-{'full' if method == 'spectralx' else 'stage2'}",
+                    (MUUFL / "class_demo.tif", classes, None, {}),
+                    (MUUFL / "class_demo.tif", None, {}),
+                    method == "spectralx",
+                    args,
+                    work,
+                    extra,
+                )
+            runs.append({**class_scores(pred[test], label[test], int(label.max())), **extra})
+            runs[-1]["seconds"] = time.monotonic() - started
+        mean = {k: float(np.mean([r[k] for r in runs])) for k in ("oa", "miou", "mf1", "seconds")}
+        rows[method] = {**mean, "splits": runs}
+        print(f"  {method:<17} OA {mean['oa']:.3f}  mIoU {mean['miou']:.3f}  mean F1 {mean['mf1']:.3f} (3 splits)")
+    return {"train": "muufl class_demo, half of each class", "target": "the other half", "methods": rows}
+
+
+def class_scores(pred: np.ndarray, ref: np.ndarray, k: int) -> dict[str, float]:
+    from backend.metrics.landcover import landcover_scores
+    from backend.metrics.segmentation import ConfusionMatrix
+
+    confusion = ConfusionMatrix(k + 1)
+    confusion.update(pred, ref)
+    s = landcover_scores(confusion.matrix)
+    return {"oa": s["oa"], "miou": s["miou"], "mf1": s["mf1"], "scored_pixels": int(ref.size)}
+
+
 def run_setting(setting: str, scenes: dict[str, Scene], args: argparse.Namespace, work: Path) -> dict:
+    if setting == "muufl":
+        return run_muufl(args, work)
     train_name, train_part, target_name, target_part = SETTINGS[setting]
     train, target = scenes[train_name], scenes[target_name]
     tr, tg = part(train.label.shape, train_part), part(target.label.shape, target_part)
@@ -260,7 +345,8 @@ def run_setting(setting: str, scenes: dict[str, Scene], args: argparse.Namespace
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    settings = [*SETTINGS, "muufl"]
+    parser.add_argument("--settings", nargs="+", default=settings, choices=settings)
     parser.add_argument(
         "--methods",
         nargs="+",

@@ -9,6 +9,7 @@ never appear in a training patch; several areas are held out whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from rasterio.enums import Resampling
@@ -78,6 +79,13 @@ class Split:
     val: tuple[slice, slice]
 
 
+def can_split_by_area(shape: tuple[int, int], patch: int, val_fraction: float) -> bool:
+    """Whether the area holds a training and a validation part of at least one patch each."""
+    h, w = shape
+    axis_len = max(h, w)
+    return axis_len - max(round(axis_len * val_fraction), patch) >= patch and min(h, w) >= patch
+
+
 def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float, known: np.ndarray | None = None) -> Split:
     """Cut the area along its longer side: the last `val_fraction` (at least one patch) validates.
 
@@ -87,7 +95,7 @@ def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float, known
     h, w = shape
     axis_len = max(h, w)
     n_val = max(round(axis_len * val_fraction), patch)
-    if axis_len - n_val < patch or min(h, w) < patch:
+    if not can_split_by_area(shape, patch, val_fraction):
         raise JobError(
             INVALID_INPUT,
             f"The labelled area ({w}x{h} pixels) is too small to train and validate on patches of {patch} pixels.",
@@ -108,8 +116,14 @@ def split_by_area(shape: tuple[int, int], patch: int, val_fraction: float, known
 Part = tuple[TrainingArea, tuple[slice, slice]]
 
 
-def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) -> tuple[list[Part], list[Part]]:
-    """One area: split by area. Several: whole areas are held out for validation (the last ones)."""
+def train_val_parts(
+    areas: list[TrainingArea], patch: int, val_fraction: float, small: Literal["refuse", "pixels"] = "refuse"
+) -> tuple[list[Part], list[Part]]:
+    """One area: split by area, or, with small="pixels", by labelled pixels when it is too small for that
+    (see split_by_pixels). Several: whole areas are held out for validation (the last ones)."""
+    if len(areas) == 1 and small == "pixels" and not can_split_by_area(areas[0].shape, patch, val_fraction):
+        train, val = split_by_pixels(pad_to_patches(areas[0], patch), val_fraction)
+        return [whole(train)], [whole(val)]
     if len(areas) == 1:
         split = split_by_area(areas[0].shape, patch, val_fraction, areas[0].label != IGNORE)
         return [(areas[0], split.train)], [(areas[0], split.val)]
@@ -119,8 +133,48 @@ def train_val_parts(areas: list[TrainingArea], patch: int, val_fraction: float) 
                 INVALID_INPUT, f"A labelled area of {a.shape[1]}x{a.shape[0]} pixels is smaller than a patch."
             )
     n_val = min(max(round(len(areas) * val_fraction), 1), len(areas) - 1)
-    whole = [(a, (slice(0, a.shape[0]), slice(0, a.shape[1]))) for a in areas]
-    return whole[:-n_val], whole[-n_val:]
+    parts = [whole(a) for a in areas]
+    return parts[:-n_val], parts[-n_val:]
+
+
+def whole(area: TrainingArea) -> Part:
+    return area, (slice(0, area.shape[0]), slice(0, area.shape[1]))
+
+
+def grow_to_patches(a: np.ndarray, patch: int, fill: int | None = None) -> np.ndarray:
+    """(…, H, W) grown at the bottom and right to whole patches (at least one): mirrored, or `fill`."""
+    pads = [(0, 0)] * (a.ndim - 2) + [(0, -a.shape[-2] % patch), (0, -a.shape[-1] % patch)]
+    return np.pad(a, pads, mode="symmetric") if fill is None else np.pad(a, pads, constant_values=fill)
+
+
+def pad_to_patches(area: TrainingArea, patch: int) -> TrainingArea:
+    """The area grown to whole patches, images mirrored and the padding unlabelled, so that validation
+    patches tile it without overlap (no pixel counted twice)."""
+    return TrainingArea(
+        tuple(grow_to_patches(x, patch) for x in area.images),
+        grow_to_patches(area.label, patch, IGNORE),
+        area.grid,  # the area's own; the padding exists only in training
+        None if area.classes is None else grow_to_patches(area.classes, patch, 0),
+    )
+
+
+def split_by_pixels(area: TrainingArea, val_fraction: float, seed: int = 0) -> tuple[TrainingArea, TrainingArea]:
+    """For an area too small to cut in two (a hyperspectral chip with a few labelled pixels): the same area
+    twice, each class's labelled pixels dealt at random between them (`val_fraction` of them, at least one, to
+    validation where a class has two or more), the other copy's pixels unlabelled. Validation pixels are then
+    seen as unlabelled context in training patches, as in the hyperspectral literature's pixel splits."""
+    rng = np.random.default_rng(seed)
+    train, val = area.label.copy(), np.full_like(area.label, IGNORE)
+    for k in np.unique(area.label[area.label != IGNORE]):
+        at = np.flatnonzero(area.label == k)
+        if len(at) < 2:
+            continue
+        held = rng.permutation(at)[: max(round(len(at) * val_fraction), 1)]
+        train.flat[held], val.flat[held] = IGNORE, k
+    return (
+        TrainingArea(area.images, train, area.grid, area.classes),
+        TrainingArea(area.images, val, area.grid, area.classes),
+    )
 
 
 def val_patches(part: Part, patch: int) -> list[tuple[np.ndarray, ...]]:

@@ -228,3 +228,54 @@ def test_sparse_labels_leave_labels_on_both_sides_of_the_validation_cut() -> Non
     assert known[split.val].sum() / known.sum() == pytest.approx(0.25, abs=0.05)
     dense = split_by_area(known.shape, 16, 0.25, np.ones_like(known))
     assert dense == split_by_area(known.shape, 16, 0.25)  # labels that fill the area: the cut by extent
+
+
+MUUFL = DATA / "muufl"
+
+
+def test_a_hyperspectral_chip_smaller_than_a_patch_adapts_trains_and_maps(library: Path) -> None:
+    """MUUFL Gulfport CASI, 72 bands: adapt to an 88 x 51 scene, fine-tune on 33 named pixels of a 20 x 31 chip
+    (both smaller than the 64-pixel patch), map the chip; the wavelengths come from the rasters."""
+    adapted = run("landcover.adapt", image=str(MUUFL / "scene.tif"), adapter_name="muufl-stage1", **FAST)
+    assert any("too small to hold a part back" in w for w in adapted.warnings)
+    tuned = run(
+        "landcover.finetune",
+        image=str(MUUFL / "class_demo.tif"),
+        labels=str(MUUFL / "class_demo_labels.gpkg"),
+        label_field="class",
+        init_adapter="muufl-stage1",
+        adapter_name="muufl",
+        **FAST,
+    )
+    assert any("held back instead" in w for w in tuned.warnings)
+    _, meta = adapters.load("muufl")
+    assert len(meta.config["wavelengths"]) == 72 and meta.config["wavelengths"][0] == pytest.approx(367.7)
+    assert meta.classes[1:] == sorted(meta.classes[1:]) and "Trees" in meta.classes
+    result = run("landcover.map", image=str(MUUFL / "class_demo.tif"), adapter="muufl", out_dir=str(library / "m"))
+    with rasterio.open(next(o.path for o in result.outputs if o.key == "classes")) as ds:
+        classes = ds.read(1)
+    assert classes.shape == (31, 20) and set(np.unique(classes)) <= set(range(1, 6))
+
+
+def test_an_area_too_small_to_cut_is_split_by_labelled_pixels_of_each_class() -> None:
+    from backend.io.raster import Grid
+    from backend.io.rasterize import IGNORE
+    from backend.training.areas import TrainingArea, can_split_by_area, train_val_parts, val_patches
+
+    label = np.full((31, 20), IGNORE, np.uint8)
+    label[1, :7], label[5, :8], label[9, :2], label[20, 0] = 1, 2, 3, 4  # class 4: one pixel, kept for training
+    image = np.random.default_rng(0).random((3, 31, 20), dtype=np.float32)
+    area = TrainingArea((image,), label, Grid("EPSG:32616", rasterio.Affine.identity(), 20, 31))
+    assert not can_split_by_area(area.shape, 16, 0.25)
+    with pytest.raises(JobError, match="too small"):
+        train_val_parts([area], 16, 0.25)
+    [(train, _)], [(val, _)] = train_val_parts([area], 16, 0.25, small="pixels")
+    assert train.shape == val.shape == (32, 32)  # grown to whole patches, the growth unlabelled
+    assert np.array_equal(train.images[0][:, :31, :20], image) and np.all(train.label[31:] == IGNORE)
+    assert np.all((train.label == IGNORE) | (val.label == IGNORE))  # no pixel on both sides
+    held = {k: int(np.sum(val.label == k)) for k in (1, 2, 3, 4)}
+    assert held == {1: 2, 2: 2, 3: 1, 4: 0}
+    kept = np.where(val.label != IGNORE, val.label, train.label)[:31, :20]
+    assert np.array_equal(kept, label)  # together they hold every label once
+    patches = val_patches((val, (slice(0, 32), slice(0, 32))), 16)
+    assert sum(int(np.sum(p[1] != IGNORE)) for p in patches) == 5  # tiled without overlap: counted once

@@ -73,6 +73,7 @@ def main() -> None:
     for f in ("geotiff_labels.geojson", "LICENSE-SOURCE.txt"):
         shutil.copyfile(src / f, sn / f)
     ukis()
+    muufl()
 
 
 # ukis-csmask: reference masks {0 cloud shadow, 1 water, 3 clear land, 4 cloud} -> land-cover classes 1 … 4.
@@ -123,6 +124,62 @@ def ukis_labels(out: Path, min_pixels: int = 20) -> None:
     with fiona.open(out / "sentinel2_labels.gpkg", "w", driver="GPKG", crs=crs, schema=schema) as dst:
         for geom, value in shapes(left, mask=left > 0, transform=transform):
             dst.write({"geometry": geom, "properties": {"class": UKIS_NAMES[int(value) - 1]}})
+
+
+# MUUFL Gulfport CASI subsets: no georeference either; a made-up 1 m grid in UTM 16N (Gulfport, Mississippi).
+MUUFL_GRIDS = {"class_demo": (300_000.0, 3_360_000.0), "scene": (300_100.0, 3_360_000.0)}
+
+
+def muufl() -> None:
+    """Two MUUFL Gulfport subsets (72 bands, 368-1043 nm, float32 reflectance) with their band wavelengths in
+    GDAL's IMAGERY metadata: `class_demo.tif` (20 x 31) whose 5 classes' training spectra are exact pixels of
+    it (found by matching), written as `class_demo_classes.tif` (0 = unlabelled, 1 … 5) and as named 1-pixel
+    polygons `class_demo_labels.gpkg`; and `scene.tif` (88 x 51), unlabelled, to adapt to, its
+    flight-line edge masked (GDAL mask band)."""
+    import fiona
+    from scipy.io import loadmat
+
+    src, out = SHARED / "hyperspectral" / "gatorsense_muufl_subsets", HERE / "muufl"
+    out.mkdir(exist_ok=True)
+    demo = loadmat(src / "an_hsi_img_for_class_demo.mat")
+    scene = loadmat(src / "an_hsi_image_sub_for_demo.mat")
+    wavelengths = demo["wavlength"].ravel()  # (sic) the file's name for it
+    img = demo["hsi_sub"]
+    pixels = img.reshape(-1, img.shape[2])
+    classes = np.zeros(img.shape[:2], np.uint8)
+    names = []
+    for k, entry in enumerate(demo["train_data"].ravel(), 1):
+        names.append(str(entry["name"][0]))
+        for spectrum in entry["Spectra"].T:
+            at = np.flatnonzero(np.all(pixels == spectrum, axis=1))
+            assert len(at) >= 1, names[-1]
+            classes.flat[at] = k
+    for name, data in (("class_demo", img), ("scene", scene["hsi_img_sub"])):
+        west, north = MUUFL_GRIDS[name]
+        tf = rasterio.Affine(1.0, 0, west, 0, -1.0, north)
+        h, w, c = data.shape
+        base = dict(driver="GTiff", width=w, height=h, crs="EPSG:32616", transform=tf, compress="deflate")
+        with rasterio.open(out / f"{name}.tif", "w", count=c, dtype="float32", predictor=3, **base) as ds:
+            ds.write(data.transpose(2, 0, 1).astype(np.float32))
+            for b, wl in enumerate(wavelengths, 1):
+                ds.update_tags(b, ns="IMAGERY", CENTRAL_WAVELENGTH_UM=f"{wl / 1000:.5f}")
+            if name == "scene":  # mask_sub marks where the flight line has data (noise beyond its edge)
+                ds.write_mask(scene["mask_sub"].astype(np.uint8) * 255)
+        if name == "class_demo":
+            with rasterio.open(out / "class_demo_classes.tif", "w", count=1, dtype="uint8", **base) as ds:
+                ds.write(classes[None])
+            schema = {"geometry": "Polygon", "properties": {"class": "str"}}
+            with fiona.open(out / "class_demo_labels.gpkg", "w", driver="GPKG", crs="EPSG:32616", schema=schema) as dst:
+                for r, col in np.argwhere(classes > 0):
+                    x0, y0 = tf * (col, r)
+                    ring = [(x0, y0), (x0 + 1, y0), (x0 + 1, y0 - 1), (x0, y0 - 1), (x0, y0)]
+                    dst.write(
+                        {
+                            "geometry": {"type": "Polygon", "coordinates": [ring]},
+                            "properties": {"class": names[classes[r, col] - 1]},
+                        }
+                    )
+    shutil.copyfile(src / "LICENSE-SOURCE.txt", out / "LICENSE-SOURCE.txt")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from backend.params import (
     Param,
 )
 from backend.protocol import INVALID_INPUT, JobError
-from backend.training.areas import TrainingArea
+from backend.training.areas import TrainingArea, can_split_by_area
 from backend.training.image_data import load_labelled_image
 from backend.training.normalize import normalizer
 
@@ -227,6 +227,11 @@ def prepare_adapt(ctx: JobContext, p: dict[str, Any]) -> Training:
     identity = np.eye(len(setup.bands), dtype=np.float32)
     norm = scene_normalization(p["image"], setup.bands, identity)
     image = fill_invalid(x, valid, norm["mean"])
+    if not can_split_by_area(image.shape[-2:], patch_size(p["backbone"]), p["val_fraction"]):
+        ctx.warn(
+            f"The imagery ({grid.width} x {grid.height} pixels) is too small to hold a part back for validation; "
+            "the reconstruction is validated on fixed masks of the same imagery."
+        )
     config = base_config(p, "adapt", setup.wavelengths, setup.source) | {"mask_ratio": p["mask_ratio"]}
     with RasterSource(p["image"], setup.bands, what="image") as src:
         dtype = src.dtype  # the raster's own (the pixels were read as float32)
@@ -262,6 +267,12 @@ def prepare_finetune(ctx: JobContext, p: dict[str, Any]) -> Training:
             INVALID_INPUT,
             f"The labels hold one land-cover class only ({which}); a land-cover map needs two or more.",
             "Label areas of at least two classes, and choose the field that names the class (label_field).",
+        )
+    if not can_split_by_area(area.shape, patch_size(p["backbone"]), p["val_fraction"]):
+        ctx.warn(
+            f"The labelled area ({area.grid.width} x {area.grid.height} pixels) is too small to hold a part of it "
+            "back for validation; a share of each class's labelled pixels is held back instead, so validation "
+            "scores are optimistic (the training patches show those pixels, unlabelled)."
         )
     norm = scene_normalization(p["image"], setup.bands, matrix)
     x = area.images[0]

@@ -21,7 +21,14 @@ from backend.metrics.landcover import landcover_scores
 from backend.metrics.segmentation import ConfusionMatrix
 from backend.models.peft.checkpointing import wants_checkpointing
 from backend.protocol import INVALID_INPUT, JobError
-from backend.training.areas import TrainingArea, split_by_area, train_val_parts, val_patches
+from backend.training.areas import (
+    TrainingArea,
+    can_split_by_area,
+    grow_to_patches,
+    split_by_area,
+    train_val_parts,
+    val_patches,
+)
 from backend.training.loop import Recipe, Stage, loop_settings
 from backend.training.normalize import normalizer
 from backend.training.samplers import GridPatchSampler, LabelledPatchSampler
@@ -61,14 +68,15 @@ def segment_recipe(
     if wants_checkpointing(p["checkpointing"], device):
         model.enable_activation_checkpointing()  # type: ignore[operator]
     patch = model.size  # type: ignore[attr-defined]
-    train_parts, val_parts = train_val_parts([area], patch, p["val_fraction"])
+    train_parts, val_parts = train_val_parts([area], patch, p["val_fraction"], small="pixels")
     sampler = LabelledPatchSampler(train_parts, patch, seed=SEED)
     val = [x for part in val_parts for x in val_patches(part, patch)]
     if not val:
         raise JobError(
             INVALID_INPUT,
-            "All the labels lie in one strip of the labelled area, so none is left to validate on.",
-            "Draw labels across the area (or choose a smaller area of interest around them).",
+            "None of the labels is left to validate on: they all lie in one strip of the labelled area, or each "
+            "class has a single labelled pixel.",
+            "Draw labels across the area, and more than one pixel of each class.",
         )
     dev = torch.device(device)
     normalize = normalizer(norm, dev)
@@ -97,9 +105,12 @@ def adapt_recipe(
     if wants_checkpointing(p["checkpointing"], device):
         model.enable_activation_checkpointing()  # type: ignore[operator]
     patch = model.size  # type: ignore[attr-defined]
-    split = split_by_area(image.shape[-2:], patch, p["val_fraction"])
-    sampler = GridPatchSampler([image[:, split.train[0], split.train[1]]], patch, 1, SEED)
-    val_part = image[:, split.val[0], split.val[1]]
+    if can_split_by_area(image.shape[-2:], patch, p["val_fraction"]):
+        split = split_by_area(image.shape[-2:], patch, p["val_fraction"])
+        train_part, val_part = image[:, split.train[0], split.train[1]], image[:, split.val[0], split.val[1]]
+    else:  # too small to hold a part back (prepare_adapt warns): validated on fixed masks of the same image
+        train_part = val_part = grow_to_patches(image, patch)
+    sampler = GridPatchSampler([train_part], patch, 1, SEED)
     rows = range(0, val_part.shape[1] - patch + 1, patch)
     cols = range(0, val_part.shape[2] - patch + 1, patch)
     val = [val_part[:, r : r + patch, c : c + patch] for r in rows for c in cols]
