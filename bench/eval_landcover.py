@@ -31,7 +31,7 @@ mIoU and mean F1 over the five classes at the held-out pixels.
 
     python -m bench.eval_landcover [--data ../shared/data] [--settings s2 l7 s2_to_l7 l7_to_s2 muufl]
                                    [--methods rf ukis spectralx spectralx_stage2] [--steps 60] [--batch 4]
-                                   [--backbone scalemae_vit_l]
+                                   [--backbone scalemae_vit_l] [--compact-decoder]
 """
 
 from __future__ import annotations
@@ -216,6 +216,7 @@ def spectralx_run(
     common = {"backbone": args.backbone, "allow_random_backbone": True, "overwrite": True}
     common |= {"epochs": max(args.steps // 10, 1), "steps_per_epoch": min(args.steps, 10), "batch_size": args.batch}
     common |= {"patience": args.steps}
+    tuning = {"compact_decoder": True} if args.compact_decoder else {}
 
     def run(job: str, **params: object) -> dict:
         spec = JOBS[job]
@@ -238,6 +239,7 @@ def spectralx_run(
         adapter_name=name,
         init_adapter=init,
         **t_sensor,
+        **tuning,
         **common,
     ).metrics
     log["trainable_parameters"] = trained["trainable_parameters"]
@@ -356,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="optimisation steps of each SpectralX stage")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--backbone", default="scalemae_vit_l", choices=["scalemae_vit_l", "scalemae_tiny"])
+    parser.add_argument("--compact-decoder", action="store_true", help="fine-tune with the compact UPerNet")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     logging.getLogger("backend").propagate = False

@@ -9,11 +9,12 @@ bands) trained three ways per stage, each in a fresh process so its peak memory 
 PEFT with activation checkpointing of the frozen blocks, and full fine-tuning (every parameter trains, HyperT's
 core and the ViT included) — with the stage's own loss (masked reconstruction, or cross-entropy).
 Backbones have random weights: cost depends on the architecture, not on the checkpoint.
-Goal: PEFT needs at most 35% of full fine-tuning's peak memory.
+Goal: PEFT needs at most 35% of full fine-tuning's peak memory. `--compact-decoder` measures stage 2 with the
+narrow UPerNet (landcover.finetune's compact_decoder), in all three modes.
 
     python -m bench.landcover [--train-backbone scalemae_vit_l] [--map-backbones scalemae_tiny scalemae_vit_l]
                               [--batch 4] [--device auto|cpu|cuda] [--dtype fp32|bf16] [--steps 1] [--seconds 0]
-                              [--map-batch 4] [--vitl-scene]
+                              [--map-batch 4] [--vitl-scene] [--stages adapt segment] [--compact-decoder]
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ VITL = "scalemae_vit_l"
 WAVELENGTHS = list(SENSORS["sentinel2_6"][1])
 
 
-def config(backbone: str, stage: str) -> dict[str, Any]:
+def config(backbone: str, stage: str, compact_decoder: bool = False) -> dict[str, Any]:
     return {
+        "compact_decoder": compact_decoder,
         "stage": stage,
         "wavelengths": WAVELENGTHS,
         "num_classes": 5,
@@ -60,11 +62,19 @@ def config(backbone: str, stage: str) -> dict[str, Any]:
 
 
 def measure_training(
-    backbone: str, stage: str, mode: str, batch: int, device: str, dtype: str, steps: int, seconds: float
+    backbone: str,
+    stage: str,
+    mode: str,
+    batch: int,
+    device: str,
+    dtype: str,
+    steps: int,
+    seconds: float,
+    compact_decoder: bool = False,
 ) -> dict[str, Any]:
     """One training configuration (`mode` peft, peft+ckpt or full) of SpectralX's `stage` on `backbone`."""
     torch.manual_seed(RANDOM_BACKBONE_SEED)
-    model = SPEC.build(backbone, config(backbone, stage), 6, {}).to(device).train()
+    model = SPEC.build(backbone, config(backbone, stage, compact_decoder), 6, {}).to(device).train()
     if mode == "full":
         model.requires_grad_(True)
     if mode == "peft+ckpt":
@@ -133,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--map-batch", type=int, default=4, help="tiles per forward pass in landcover.map")
     parser.add_argument("--vitl-scene", action="store_true", help="run landcover.map on the ViT-L on a CPU too")
     parser.add_argument("--image", type=Path, default=SCENE)
+    parser.add_argument("--stages", nargs="+", default=["adapt", "segment"], choices=["adapt", "segment"])
+    parser.add_argument("--compact-decoder", action="store_true", help="stage 2 with the compact UPerNet")
     args = parser.parse_args(argv)
     load_at_start = os.getloadavg()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -141,14 +153,16 @@ def main(argv: list[str] | None = None) -> int:
 
     training: dict[str, Any] = {}
     goal_met = True
-    for stage in ("adapt", "segment"):
+    for stage in args.stages:
         train_args = {"backbone": args.train_backbone, "stage": stage, "batch": args.batch, "device": device}
         train_args |= {"dtype": dtype, "steps": args.steps, "seconds": args.seconds}
+        train_args |= {"compact_decoder": args.compact_decoder and stage == "segment"}
         peft, ckpt, full = (run_child("train", train_args | {"mode": m}) for m in ("peft", "peft+ckpt", "full"))
         size = patch_size(args.train_backbone)
+        decoder = ", compact decoder" if train_args["compact_decoder"] else ""
         print(
-            f"SpectralX stage '{stage}' on {args.train_backbone} (random weights), {args.batch} patches of {size}² × 6 "
-            f"bands, {device} {dtype}; peak memory = {where}"
+            f"SpectralX stage '{stage}' on {args.train_backbone} (random weights{decoder}), {args.batch} patches of "
+            f"{size}² × 6 bands, {device} {dtype}; peak memory = {where}"
         )
         ratios = print_training_table([peft, ckpt], full)
         best = min(r["peak_mb"] for r in ratios.values())
@@ -192,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "map": mapping,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"landcover_{device}_{dtype}.json").write_text(json.dumps(out, indent=2))
+    suffix = "_compact" if args.compact_decoder else ""
+    (RESULTS / f"landcover_{device}_{dtype}{suffix}.json").write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -245,7 +245,7 @@ class CompareWidget(QWidget):
         shortcut.activated.connect(self.toggle)
         self.shortcut = shortcut
 
-        form = QFormLayout()
+        form = self.form = QFormLayout()
         form.addRow("Before", self.before_combo)
         form.addRow("After", self.after_combo)
         buttons = QHBoxLayout()
@@ -258,7 +258,14 @@ class CompareWidget(QWidget):
         layout.addWidget(self.status)
         self._layers_changed()
 
-    def set_layers(self, before: QgsRasterLayer | None, after: QgsRasterLayer | None) -> None:
+    def set_layers(
+        self, before: QgsRasterLayer | None, after: QgsRasterLayer | None, names: tuple[str, str] = ("Before", "After")
+    ) -> None:
+        """Compare `before` with `after`; `names` label the two pickers (e.g. "Image" and "Result")."""
+        for combo, name in zip((self.before_combo, self.after_combo), names, strict=True):
+            label = self.form.labelForField(combo)
+            if label is not None:
+                label.setText(name)
         self.before_combo.setLayer(before)
         self.after_combo.setLayer(after)
 

@@ -131,6 +131,19 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
             f"{few or 'No labelled reference pixel lies under the prediction'}.",
             "Check that the reference covers the prediction and labels classes other than 0.",
         )
+    if names and is_raster(p["reference"], "reference"):
+        # A class raster carries numbers, not names: say how they were read, and what the adapter cannot know.
+        ctx.warn(
+            "The reference raster's class numbers are read as the adapter's classes: "
+            + ", ".join(f"{k} = {n}" for k, n in enumerate(names) if k > 0)
+            + "."
+        )
+        unknown = np.flatnonzero(confusion.matrix[len(names) :].sum(axis=1)) + len(names)
+        if unknown.size:
+            ctx.warn(
+                f"The reference raster holds class numbers the adapter does not know ({', '.join(map(str, unknown))}); "
+                "their pixels count as errors."
+            )
     metrics = landcover_scores(confusion.matrix, names)
     metrics["scored_pixels"] = scored
     return JobResult(metrics=metrics)

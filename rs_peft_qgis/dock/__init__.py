@@ -2,7 +2,7 @@
 
 * `run_tab.RunTab`: pick a task and a job, fill its form, progress, epoch table, log; `runner.JobRunner`
   runs the job as a QgsTask on the shared worker and adds styled layers at its end.
-* `inspect_tab.InspectTab`: review change polygons, compare before/after.
+* `inspect_tab.InspectTab`: review result polygons, compare before/after (or image/result).
 * `annotate_tab.AnnotateTab`: annotate and fine-tune on a selection.
 * `adapter_library.AdapterLibrary`: the adapter library the forms' pickers show.
 """
@@ -50,9 +50,9 @@ class RsPeftDock(QgsDockWidget):
         self.runner.runTabWanted.connect(self._show_run_tab)
         self.annotate_tab.runTabWanted.connect(lambda: self.tabs.setCurrentWidget(self.run_tab))
 
-    def _show_changes(self, polygons: QgsVectorLayer, inputs: dict[str, QgsMapLayer]) -> None:
-        """A job's change polygons (and its before/after layers) go to the Inspect tab."""
-        self.inspect_tab.show_changes(polygons, inputs)
+    def _show_changes(self, polygons: QgsVectorLayer, inputs: dict[str, QgsMapLayer], about: dict) -> None:
+        """A job's polygons (and its before/after layers, or its image and result) go to the Inspect tab."""
+        self.inspect_tab.show_changes(polygons, inputs, about["task"], about["result"])
         self.tabs.setCurrentWidget(self.inspect_tab)
 
     def _show_run_tab(self) -> None:

@@ -1,5 +1,5 @@
-"""The panel's Inspect tab: review change polygons (accept / reject, export as labels) and compare the
-before and after layers (toggle or swipe)."""
+"""The panel's Inspect tab: review a job's polygons (accept / reject, export as labels) and compare the
+before and after layers, or an image and its result (toggle or swipe)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,20 @@ class InspectTab(QWidget):
         layout.addWidget(self.compare, 0)
         layout.addWidget(self.inspector, 1)
 
-    def show_changes(self, polygons: QgsVectorLayer, inputs: dict[str, QgsMapLayer]) -> None:
-        """Review `polygons`; compare the job's before/after layers (`inputs` by parameter name)."""
+    def show_changes(
+        self,
+        polygons: QgsVectorLayer,
+        inputs: dict[str, QgsMapLayer],
+        task: str | None = None,
+        result: QgsMapLayer | None = None,
+    ) -> None:
+        """Review `polygons`, the result of a `task` job; compare the job's before/after layers (`inputs` by
+        parameter name) or, for a single image, the image with the job's `result` raster."""
         if inputs.get("before") and inputs.get("after"):
             self.compare.set_layers(inputs["before"], inputs["after"])
-        self.inspector.set_layer(polygons)
+        elif inputs.get("image") and result is not None:
+            self.compare.set_layers(inputs["image"], result, ("Image", "Result"))
+        self.inspector.set_layer(polygons, task)
 
     def stop(self) -> None:
         self.compare.stop_swipe()  # gives the map tool back and shows the hidden layer again

@@ -31,12 +31,13 @@ LOG_TAG = "RS PEFT"
 class JobRunner(QObject):
     """One job at a time from the Run tab. `last_layers` / `last_outcome` are those of the last job.
 
-    Signals: `runningChanged(running)`; `changesFound(polygons, inputs)` when a job wrote change polygons
-    (`inputs`: its layers by parameter name); `runTabWanted()` when the Run tab should be shown.
+    Signals: `runningChanged(running)`; `changesFound(polygons, inputs, about)` when a job wrote polygons to
+    review (`inputs`: its layers by parameter name; `about`: its task and result raster); `runTabWanted()` when
+    the Run tab should be shown.
     """
 
     runningChanged = pyqtSignal(bool)
-    changesFound = pyqtSignal(object, object)
+    changesFound = pyqtSignal(object, object, object)
     runTabWanted = pyqtSignal()
 
     def __init__(self, iface: Any, tab: RunTab, library: AdapterLibrary, protocol: Any) -> None:
@@ -160,7 +161,9 @@ class JobRunner(QObject):
             bar.pushMessage(LOG_TAG, f"{job.title}: done. {summary}".strip(), Qgis.MessageLevel.Success, 10)
         by_key = {out.get("key"): layer for out, layer in zip(outputs, self.last_layers, strict=False)}
         if isinstance(by_key.get("polygons"), QgsVectorLayer):
-            self.changesFound.emit(by_key["polygons"], run["layers"])
+            # The raster the polygons were drawn from, to compare with the image.
+            result = next((by_key[k] for k in ("classes", "mask") if by_key.get(k) is not None), None)
+            self.changesFound.emit(by_key["polygons"], run["layers"], {"task": job.task, "result": result})
 
     def _trained(self, job: JobInfo, metrics: dict[str, Any]) -> None:
         name = metrics.get("adapter") or ""

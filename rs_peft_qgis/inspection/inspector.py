@@ -1,5 +1,5 @@
-"""The change inspector of the panel's Inspect tab: a layer's polygons biggest first; select one to zoom
-to it, accept or reject it (A / R), export the verdicts as labels for the next fine-tune."""
+"""The inspector of the panel's Inspect tab: a layer's polygons (changes, objects, land cover) biggest first;
+select one to zoom to it, accept or reject it (A / R), export the verdicts as labels for the next fine-tune."""
 
 from __future__ import annotations
 
@@ -30,11 +30,13 @@ from rs_peft_qgis.inspection.verdicts import (
     change_rows,
     export_labels,
     readable_area,
+    review_of,
     set_verdict,
 )
 
 _ROW_COLOURS = {ACCEPTED: QColor(198, 239, 206), REJECTED: QColor(255, 199, 206)}
 _TEXT_COLOUR = QColor(0, 0, 0)
+PICK = "Pick a layer of polygons to review (changes, objects or land cover)."
 
 
 def zoom_to_feature(canvas: QgsMapCanvas, layer: QgsVectorLayer, fid: int) -> str:
@@ -71,12 +73,13 @@ class ChangeInspector(QWidget):
         super().__init__(parent)
         self.iface = iface
         self.layer: QgsVectorLayer | None = None
+        self.task: str | None = None  # whose polygons: "change" (also when unknown), "objects", "landcover"
         self._rows: list[tuple[int, float, float | None, str | None]] = []
         self._verdicts: dict[int, str | None] = {}
         self._row_of: dict[int, int] = {}
         self._zoom = True  # off while following a selection made on the map
 
-        self.title = QLabel("Pick a layer of change polygons to review.")
+        self.title = QLabel(PICK)
         self.title.setWordWrap(True)
         self.table = QTableWidget(0, len(self.COLUMNS), self)
         self.table.setHorizontalHeaderLabels(list(self.COLUMNS))
@@ -91,10 +94,8 @@ class ChangeInspector(QWidget):
         self.accept_button = QPushButton("Accept")
         self.reject_button = QPushButton("Reject")
         self.next_button = QPushButton("Next")
-        self.accept_button.setToolTip("This is a real change (A)")
-        self.reject_button.setToolTip("This is not a change (R)")
-        self.prev_button.setToolTip("Go to the previous change in the list")
-        self.next_button.setToolTip("Go to the next change in the list")
+        self.prev_button.setToolTip("Go to the previous polygon in the list")
+        self.next_button.setToolTip("Go to the next polygon in the list")
         self.prev_button.clicked.connect(lambda: self.step_by(-1))
         self.next_button.clicked.connect(lambda: self.step_by(1))
         self.accept_button.clicked.connect(lambda: self.judge(ACCEPTED))
@@ -109,9 +110,7 @@ class ChangeInspector(QWidget):
 
         self.counter = QLabel("")
         self.export_button = QPushButton("Export labels…")
-        self.export_button.setToolTip(
-            "Save the accepted (change = 1) and rejected (change = 0) polygons as labels for the next fine-tune"
-        )
+        self._set_wording()
         self.export_button.clicked.connect(self._export_dialog)
 
         buttons = QHBoxLayout()
@@ -129,8 +128,17 @@ class ChangeInspector(QWidget):
         self._update_controls()
 
     # --- the layer -----------------------------------------------------------------------------
-    def set_layer(self, layer: QgsVectorLayer | None) -> None:
-        """Review `layer` (any vector layer with geometries); None clears the list."""
+    def _set_wording(self) -> None:
+        review = review_of(self.task)
+        self.accept_button.setToolTip(review.accept_tip)
+        self.reject_button.setToolTip(review.reject_tip)
+        self.export_button.setToolTip(review.export_tip)
+
+    def set_layer(self, layer: QgsVectorLayer | None, task: str | None = None) -> None:
+        """Review `layer` (any vector layer with geometries), the polygons of `task` (None: changes, or a layer
+        picked by hand); None clears the list."""
+        self.task = task
+        self._set_wording()
         if self.layer is not None:
             for signal, slot in (
                 (self.layer.willBeDeleted, self._layer_gone),
@@ -144,7 +152,7 @@ class ChangeInspector(QWidget):
         self._rows, self._verdicts = [], {}
         self._row_of: dict[int, int] = {}
         if self.layer is None:
-            self.title.setText("Pick a layer of change polygons to review.")
+            self.title.setText(PICK)
         elif not self.layer.isSpatial():
             self.title.setText(f"'{self.layer.name()}' has no geometries to review.")
             self.layer = None
@@ -155,7 +163,7 @@ class ChangeInspector(QWidget):
             self._verdicts = {fid: verdict for fid, _, _, verdict in self._rows}
             self._row_of = {row[0]: i for i, row in enumerate(self._rows)}
             self.title.setText(
-                f"{len(self._rows)} polygons of '{self.layer.name()}', biggest first. "
+                f"{len(self._rows)} {review_of(task).items} of '{self.layer.name()}', biggest first. "
                 "Select one to zoom to it, then accept or reject it."
             )
             self.table.setRowCount(len(self._rows))
@@ -241,10 +249,10 @@ class ChangeInspector(QWidget):
 
     # --- verdicts ------------------------------------------------------------------------------
     def judge(self, verdict: str | None) -> None:
-        """Give the selected change a verdict, then go on to the next unreviewed one."""
+        """Give the selected polygon a verdict, then go on to the next unreviewed one."""
         row = self.current_row
         if self.layer is None or not 0 <= row < len(self._rows):
-            self._push("Select a change in the list first.", Qgis.MessageLevel.Info)
+            self._push("Select a polygon in the list first.", Qgis.MessageLevel.Info)
             return
         fid = self.fid_at(row)
         try:
@@ -287,7 +295,7 @@ class ChangeInspector(QWidget):
             return
         start = Path(QgsProject.instance().homePath() or Path.home()) / f"{self.layer.name()}_reviewed.gpkg"
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export reviewed changes as labels", str(start), "GeoPackage (*.gpkg)"
+            self, "Export reviewed polygons as labels", str(start), "GeoPackage (*.gpkg)"
         )
         if path:
             self.export_to(Path(path))
@@ -295,10 +303,10 @@ class ChangeInspector(QWidget):
     def export_to(self, path: Path) -> QgsVectorLayer | None:
         """Export the verdicts to `path` and add the labels layer to the project; messages, no traceback."""
         if self.layer is None:
-            self._push("Pick a layer of change polygons to review first.", Qgis.MessageLevel.Info)
+            self._push(PICK, Qgis.MessageLevel.Info)
             return None
         try:
-            labels, message = export_labels(self.layer, path)
+            labels, message = export_labels(self.layer, path, self.task)
         except ValueError as exc:
             self._push(str(exc), Qgis.MessageLevel.Warning)
             return None
@@ -307,4 +315,4 @@ class ChangeInspector(QWidget):
 
     def _push(self, text: str, level) -> None:
         if self.iface is not None:
-            self.iface.messageBar().pushMessage("Change review", text, level=level, duration=6)
+            self.iface.messageBar().pushMessage("Review", text, level=level, duration=6)

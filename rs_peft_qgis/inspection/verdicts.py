@@ -1,8 +1,9 @@
-"""Verdicts on change polygons, kept in a `verdict` attribute of the layer's own file, and their export as
-labels for the next fine-tune (`change` = 1 accepted, 0 rejected)."""
+"""Verdicts on result polygons (changes, objects, land cover), kept in a `verdict` attribute of the layer's own
+file, and their export as labels for the next fine-tune (`change` = 1 accepted, 0 rejected; `class`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import (
@@ -27,7 +28,48 @@ LABEL_FIELD = "change"  # the exported labels: 1 = accepted change, 0 = rejected
 CLASS_FIELD = "class"
 CLASS_NAME_FIELD = "class_name"  # of the polygons a map job writes
 BACKGROUND = "background"
-NOT_REVIEWED = "No change has been reviewed yet. Accept or reject some changes first, then export them as labels."
+NOT_REVIEWED = "Nothing has been reviewed yet. Accept or reject some polygons first, then export them as labels."
+NONE_ACCEPTED = "No polygon has been accepted yet; only accepted land-cover polygons become labels."
+
+
+@dataclass(frozen=True)
+class Review:
+    """What the analyst judges in a task's polygons, in the words the Inspect tab uses."""
+
+    items: str  # plural, as in "12 changes"
+    accept_tip: str
+    reject_tip: str
+    export_tip: str
+    keep_rejected: bool = True  # exported as negatives; land cover leaves them out (their right class is unknown)
+
+
+REVIEWS = {
+    "change": Review(
+        "changes",
+        "This is a real change (A)",
+        "This is not a change (R)",
+        "Save the accepted (change = 1) and rejected (change = 0) polygons as labels for the next fine-tune",
+    ),
+    "objects": Review(
+        "objects",
+        "This is an object of its class (A)",
+        "This is not an object (R)",
+        "Save the accepted polygons (class = their class) and the rejected ones (class = background) as labels "
+        "for the next fine-tune",
+    ),
+    "landcover": Review(
+        "land-cover polygons",
+        "Its class is right (A)",
+        "Its class is wrong (R)",
+        "Save the accepted polygons with their class as labels for the next fine-tune (rejected ones are left "
+        "out: their right class is unknown)",
+        keep_rejected=False,
+    ),
+}
+
+
+def review_of(task: str | None) -> Review:
+    return REVIEWS.get(task or "change", REVIEWS["change"])
 
 
 def _string_field(name: str) -> QgsField:
@@ -136,10 +178,11 @@ def set_verdict(layer: QgsVectorLayer, fid: int, verdict: str | None) -> None:
     layer.triggerRepaint()
 
 
-def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None) -> tuple[int, int]:
+def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None, keep_rejected: bool = True) -> tuple[int, int]:
     """Write the reviewed polygons to a GeoPackage with `change` = 1 (accepted) / 0 (rejected), labels for
     change.finetune with label_field="change", and `class` = the polygon's class name (accepted) or "background"
-    (rejected), labels for objects.finetune with label_field="class". Returns (accepted, rejected)."""
+    (rejected), labels for objects.finetune with label_field="class"; without `keep_rejected` (land cover) only
+    the accepted ones. Returns (accepted, rejected)."""
     if layer.fields().indexOf(VERDICT_FIELD) < 0:
         raise ValueError(NOT_REVIEWED)
     crs_text = layer.crs().authid()
@@ -158,6 +201,9 @@ def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None) -> tuple[int, i
         verdict = feat[VERDICT_FIELD]
         if verdict not in counts or not feat.hasGeometry():
             continue
+        counts[verdict] += 1
+        if verdict == REJECTED and not keep_rejected:
+            continue
         geom = feat.geometry()
         geom.convertToMultiType()
         f = QgsFeature(out.fields())
@@ -165,9 +211,8 @@ def export_verdicts(layer: QgsVectorLayer, path: Path, crs=None) -> tuple[int, i
         name = (feat[CLASS_NAME_FIELD] if has_names else None) or "object"
         f.setAttributes([1 if verdict == ACCEPTED else 0, name if verdict == ACCEPTED else BACKGROUND, verdict])
         feats.append(f)
-        counts[verdict] += 1
     if not feats:
-        raise ValueError(NOT_REVIEWED)
+        raise ValueError(NOT_REVIEWED if not counts[REJECTED] else NONE_ACCEPTED)
     if not out.dataProvider().addFeatures(feats)[0]:
         raise ValueError(f"The reviewed polygons of '{layer.name()}' ({crs_text}) could not be copied.")
     path = Path(path)
@@ -187,20 +232,28 @@ def readable_area(m2: float) -> str:
     return f"{m2:.1f} m²"
 
 
-def export_labels(layer: QgsVectorLayer, path: Path) -> tuple[QgsVectorLayer, str]:
-    """Export the verdicts of `layer` to `path` (.gpkg), add the labels layer, styled, to the project; the
-    layer and a message for the analyst. ValueError (in plain words) when nothing can be exported."""
+def export_labels(layer: QgsVectorLayer, path: Path, task: str | None = None) -> tuple[QgsVectorLayer, str]:
+    """Export the verdicts of `layer` (polygons of `task`) to `path` (.gpkg), add the labels layer, styled, to
+    the project; the layer and a message for the analyst. ValueError (in plain words) when nothing can be
+    exported."""
     path = Path(path)
     if path.suffix.lower() != ".gpkg":
         path = path.with_suffix(".gpkg")
-    accepted, rejected = export_verdicts(layer, path)
+    review = review_of(task)
+    accepted, rejected = export_verdicts(layer, path, keep_rejected=review.keep_rejected)
     labels = QgsVectorLayer(str(path), f"{layer.name()} – reviewed labels", "ogr")
     if not labels.isValid():
         raise ValueError(f"The labels were written to {path} but cannot be opened.")
     apply_label_style(labels, "change")
     QgsProject.instance().addMapLayer(labels)
-    message = (
-        f"Exported {accepted} accepted and {rejected} rejected polygons to {path.name}. "
-        f"Use it as labels for the next fine-tune (field '{LABEL_FIELD}' for change, '{CLASS_FIELD}' for objects)."
-    )
+    if not review.keep_rejected:
+        message = (
+            f"Exported {accepted} accepted polygons to {path.name} ({rejected} rejected ones left out: their right "
+            f"class is unknown). Use it as labels for the next fine-tune (field '{CLASS_FIELD}')."
+        )
+    else:
+        message = (
+            f"Exported {accepted} accepted and {rejected} rejected polygons to {path.name}. Use it as labels for the "
+            f"next fine-tune (field '{LABEL_FIELD}' for change, '{CLASS_FIELD}' for objects)."
+        )
     return labels, message

@@ -126,6 +126,13 @@ def test_map_writes_a_paletted_class_raster_confidence_and_named_polygons(traine
         adapter="s2",
     ).metrics
     assert named["oa"] == pytest.approx(scored["oa"], abs=0.02)  # polygon edges are burnt, not pixel-exact
+    # With the adapter, a raster reference is told how its numbers are read, and numbers it cannot know are named.
+    ref[:8] = 7
+    with rasterio.open(renumbered, "w", **profile) as dst:
+        dst.write(ref[None])
+    told = run("landcover.evaluate", prediction=str(paths["classes"]), reference=str(renumbered), adapter="s2")
+    assert any("1 = clear, 2 = cloud, 3 = shadow, 4 = water" in w for w in told.warnings)
+    assert any("does not know (7)" in w for w in told.warnings)
 
 
 def test_the_sentinel_2_adapter_maps_landsat_7_through_its_wavelengths(trained: object, library: Path) -> None:
@@ -235,7 +242,8 @@ MUUFL = DATA / "muufl"
 
 def test_a_hyperspectral_chip_smaller_than_a_patch_adapts_trains_and_maps(library: Path) -> None:
     """MUUFL Gulfport CASI, 72 bands: adapt to an 88 x 51 scene, fine-tune on 33 named pixels of a 20 x 31 chip
-    (both smaller than the 64-pixel patch), map the chip; the wavelengths come from the rasters."""
+    (both smaller than the 64-pixel patch) with the compact decoder, map the chip; the wavelengths come from the
+    rasters."""
     adapted = run("landcover.adapt", image=str(MUUFL / "scene.tif"), adapter_name="muufl-stage1", **FAST)
     assert any("too small to hold a part back" in w for w in adapted.warnings)
     tuned = run(
@@ -245,11 +253,13 @@ def test_a_hyperspectral_chip_smaller_than_a_patch_adapts_trains_and_maps(librar
         label_field="class",
         init_adapter="muufl-stage1",
         adapter_name="muufl",
+        compact_decoder=True,  # map must rebuild the narrow decoder from the adapter's config
         **FAST,
     )
     assert any("held back instead" in w for w in tuned.warnings)
     _, meta = adapters.load("muufl")
     assert len(meta.config["wavelengths"]) == 72 and meta.config["wavelengths"][0] == pytest.approx(367.7)
+    assert meta.config["compact_decoder"] is True
     assert meta.classes[1:] == sorted(meta.classes[1:]) and "Trees" in meta.classes
     result = run("landcover.map", image=str(MUUFL / "class_demo.tif"), adapter="muufl", out_dir=str(library / "m"))
     with rasterio.open(next(o.path for o in result.outputs if o.key == "classes")) as ds:

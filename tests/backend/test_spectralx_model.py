@@ -172,6 +172,18 @@ def test_trainable_parameters_at_vit_l_scale_match_the_papers_modules() -> None:
     )
     assert millions(lambda n: ".moa." in n) == pytest.approx(7.77, abs=0.005)
     assert millions(lambda n: n.startswith("are.")) == pytest.approx(2.65, abs=0.005)
+    assert millions(lambda n: n.startswith("decoder.")) == pytest.approx(76.32, abs=0.01)  # 24 classes
+
+
+def test_the_compact_decoder_is_a_narrower_upernet_with_the_same_output() -> None:
+    with torch.device("meta"):
+        wide = SpectralX(vit.build("scalemae_vit_l"), S2, "segment", num_classes=5)
+        narrow = SpectralX(vit.build("scalemae_vit_l"), S2, "segment", num_classes=5, compact_decoder=True)
+    assert sum(p.numel() for p in narrow.decoder.parameters()) / 1e6 == pytest.approx(10.95, abs=0.01)
+    assert narrow.decoder.neck.convs[0].out_channels == narrow.decoder.decode_head.conv_seg.in_channels == 256
+    assert wide.decoder.decode_head.conv_seg.in_channels == 512
+    x = torch.randn(2, 6, 64, 64)
+    assert model(compact_decoder=True)(x).shape == model()(x).shape == (2, 4, 64, 64)
 
 
 def test_landcover_scores_against_a_hand_computed_confusion_matrix() -> None:

@@ -550,22 +550,12 @@ def test_semantic_change_annotation_has_from_to_fields_and_trains_scd(dock, qgis
     QgsProject.instance().setFileName("")
 
 
-def test_objects_annotate_finetune_segment_and_inspect_from_the_dock(dock, qgis_iface, tmp_path) -> None:
-    """The object-segmentation task round trip on a real SpaceNet-4 scene: outline two kinds of object in an
-    annotation layer, fine-tune WEFT (miniature encoder) on the selection, segment, and review the objects."""
-    image = add_raster(ROOT / "tests" / "data" / "spacenet4" / "pan.tif", "spacenet-4 pan")
-    QgsProject.instance().setCrs(image.crs())
-    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
-    dock.run_tab.set_job("objects.finetune")
-    finetune = dock.run_tab.form
-    finetune.set_value("image", image)
-    fast = {**FAST_FINETUNE, "backbone": "vit_tiny", "patch_size": 128}
-    for name, value in {**fast, "adapter_name": "dock-objects", "overwrite": True}.items():
-        finetune.set_value(name, value)
+def annotate_whole_image(dock, image: QgsRasterLayer, boxes) -> QgsVectorLayer:
+    """A new annotation layer holding `boxes` ((x0, y0, x1, y1) as shares of the image's extent, class), and the
+    whole image as the selected training area."""
     layer = dock.annotate_tab.new_annotation_layer()
     assert layer is not None and "class" in layer.fields().names()
     full = image.extent()
-    boxes = (((0.1, 0.1, 0.2, 0.2), "house"), ((0.5, 0.5, 0.6, 0.6), "shed"), ((0.7, 0.2, 0.8, 0.3), "house"))
     for (x0, y0, x1, y1), kind in boxes:
         f = QgsFeature(layer.fields())
         f.setGeometry(QgsGeometry.fromRect(part_of(full, x0, y0, x1, y1)))
@@ -578,6 +568,23 @@ def test_objects_annotate_finetune_segment_and_inspect_from_the_dock(dock, qgis_
     QgsProject.instance().addMapLayer(area)
     area.selectAll()
     dock.annotate_tab.area_combo.setLayer(area)
+    return layer
+
+
+def test_objects_annotate_finetune_segment_and_inspect_from_the_dock(dock, qgis_iface, tmp_path) -> None:
+    """The object-segmentation task round trip on a real SpaceNet-4 scene: outline two kinds of object in an
+    annotation layer, fine-tune WEFT (miniature encoder) on the selection, segment, and review the objects."""
+    image = add_raster(ROOT / "tests" / "data" / "spacenet4" / "pan.tif", "spacenet-4 pan")
+    QgsProject.instance().setCrs(image.crs())
+    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
+    dock.run_tab.set_job("objects.finetune")
+    finetune = dock.run_tab.form
+    finetune.set_value("image", image)
+    fast = {**FAST_FINETUNE, "backbone": "vit_tiny", "patch_size": 128}
+    for name, value in {**fast, "adapter_name": "dock-objects", "overwrite": True}.items():
+        finetune.set_value(name, value)
+    boxes = (((0.1, 0.1, 0.2, 0.2), "house"), ((0.5, 0.5, 0.6, 0.6), "shed"), ((0.7, 0.2, 0.8, 0.3), "house"))
+    layer = annotate_whole_image(dock, image, boxes)
     task = dock.annotate_tab.finetune_on_selection()
     assert task is not None, dock.run_tab.message.text()
     assert task.params["label_field"] == "class" and Path(task.params["aoi"]).is_file()
@@ -639,26 +646,12 @@ def test_landcover_adapt_annotate_finetune_and_map_from_the_dock(dock, qgis_ifac
     dock.run_tab.set_job("landcover.finetune")
     for name, value in {**fast, "adapter_name": "dock-lc", "overwrite": True}.items():
         finetune.set_value(name, value)
-    layer = dock.annotate_tab.new_annotation_layer()
-    assert layer is not None and "class" in layer.fields().names()
-    full = s2.extent()  # a cloud and two stretches of clear land of the tile (its reference mask says so)
-    boxes = (
+    boxes = (  # a cloud and two stretches of clear land of the tile (its reference mask says so)
         ((0.13, 0.51, 0.24, 0.62), "cloud"),
         ((0.13, 0.26, 0.49, 0.37), "clear"),
         ((0.26, 0.88, 0.37, 0.99), "clear"),
     )
-    for (x0, y0, x1, y1), kind in boxes:
-        f = QgsFeature(layer.fields())
-        f.setGeometry(QgsGeometry.fromRect(part_of(full, x0, y0, x1, y1)))
-        f["class"] = kind
-        assert layer.addFeature(f)
-    area = QgsVectorLayer(f"Polygon?crs={s2.crs().authid()}", "training area", "memory")
-    f = QgsFeature(area.fields())
-    f.setGeometry(QgsGeometry.fromRect(full))
-    area.dataProvider().addFeatures([f])
-    QgsProject.instance().addMapLayer(area)
-    area.selectAll()
-    dock.annotate_tab.area_combo.setLayer(area)
+    layer = annotate_whole_image(dock, s2, boxes)
     task = dock.annotate_tab.finetune_on_selection()
     assert task is not None, dock.run_tab.message.text()
     assert task.params["label_field"] == "class" and task.params["init_adapter"] == "dock-lc-stage1"
@@ -680,6 +673,20 @@ def test_landcover_adapt_annotate_finetune_and_map_from_the_dock(dock, qgis_ifac
     renderer = layers["map land cover"].renderer()  # the style file beside the raster names the classes
     assert renderer.type() == "paletted"
     assert {c.label for c in renderer.classes()} == {"clear", "cloud"}
+    # The polygons go to the Inspect tab, reviewed in land-cover words beside a swipe of image and map; accepted
+    # ones become labels with their class (test_inspection: rejected ones are left out).
+    inspect = dock.inspect_tab
+    assert inspect.inspector.layer is layers["map land-cover polygons"]
+    assert "land-cover polygons" in inspect.inspector.title.text()
+    assert inspect.inspector.accept_button.toolTip() == "Its class is right (A)"
+    assert inspect.compare.form.labelForField(inspect.compare.after_combo).text() == "Result"
+    assert inspect.compare.after_combo.currentLayer() is layers["map land cover"]
+    assert inspect.compare.before_combo.currentLayer() is l7
+    inspect.inspector.select_row(0)
+    inspect.inspector.judge("accepted")
+    labels = inspect.inspector.export_to(tmp_path / "reviewed.gpkg")
+    assert labels is not None, qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert labels.featureCount() == 1 and next(labels.getFeatures())["class"] in {"clear", "cloud"}
     layer.rollBack()
     QgsProject.instance().setFileName("")
 

@@ -128,6 +128,10 @@ def test_object_verdicts_export_their_class_names_or_background(qgis_new_project
     got = sorted((f["class"], f["change"]) for f in labels.getFeatures())
     names = sorted(layer.getFeature(fid)["class_name"] for fid in (a, b))
     assert got == sorted([("background", 0), *((n, 1) for n in names)])
+    # Land cover: a rejected polygon's right class is unknown, so only the accepted ones become labels.
+    assert export_verdicts(layer, tmp_path / "landcover.gpkg", keep_rejected=False) == (2, 1)
+    labels = QgsVectorLayer(str(tmp_path / "landcover.gpkg"), "labels", "ogr")
+    assert sorted(f["class"] for f in labels.getFeatures()) == names
 
 
 def test_verdicts_are_written_to_the_file(changes_layer) -> None:
@@ -265,13 +269,13 @@ def test_exported_verdicts_are_labels_the_fine_tune_accepts(changes_layer, qgis_
 
 
 def test_export_with_nothing_reviewed_says_so(changes_layer, qgis_iface, tmp_path) -> None:
-    with pytest.raises(ValueError, match="No change has been reviewed yet"):
+    with pytest.raises(ValueError, match="Nothing has been reviewed yet"):
         export_verdicts(changes_layer, tmp_path / "none.gpkg")
     # The verdict field exists but every verdict was taken back: still nothing to export.
     fid = ordered_changes(changes_layer)[0]
     set_verdict(changes_layer, fid, "accepted")
     set_verdict(changes_layer, fid, None)
-    with pytest.raises(ValueError, match="No change has been reviewed yet"):
+    with pytest.raises(ValueError, match="Nothing has been reviewed yet"):
         export_verdicts(changes_layer, tmp_path / "none.gpkg")
     assert not (tmp_path / "none.gpkg").exists()
 
@@ -280,5 +284,5 @@ def test_export_with_nothing_reviewed_says_so(changes_layer, qgis_iface, tmp_pat
     panel.set_layer(changes_layer)
     assert not panel.export_button.isEnabled()
     assert panel.export_to(tmp_path / "none.gpkg") is None
-    assert qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning) == [f"Change review:{NOT_REVIEWED}"]
+    assert qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning) == [f"Review:{NOT_REVIEWED}"]
     panel.set_layer(None)

@@ -40,7 +40,7 @@ class SpectralX(AdapterState, nn.Module):
 
     `wavelengths` (nm) are those of the C input bands. `hypert_trainable` trains HyperT's core (the paper's
     figure) instead of keeping it frozen (the released code); `log_space` combines AoMoA's experts in log space as
-    released.
+    released; `compact_decoder` narrows UPerNet (see decoder.UPerNet).
     """
 
     def __init__(
@@ -52,6 +52,7 @@ class SpectralX(AdapterState, nn.Module):
         hypert_trainable: bool = False,
         log_space: bool = True,
         mask_ratio: float = MASK_RATIO,
+        compact_decoder: bool = False,
     ) -> None:
         super().__init__()
         if stage not in STAGES:
@@ -73,7 +74,7 @@ class SpectralX(AdapterState, nn.Module):
             self.reconstruction = MaskedReconstruction(dim, bands, self.patch, self.tokens_grid, cfg.input_res)
         else:
             self.are = AttributeRefinedAdapter(dim, self.size // 8)
-            self.decoder = UPerNet(dim, num_classes)
+            self.decoder = UPerNet(dim, num_classes, compact_decoder)
         self._norms = {
             f"backbone.{name}.{kind}"
             for name, m in backbone.named_modules()

@@ -88,6 +88,14 @@ LOG_SPACE = Param(
     default=True,
     group="finetune",
 )
+COMPACT_DECODER = Param(
+    "compact_decoder",
+    bool,
+    "Narrow the UPerNet decoder to a quarter of the encoder's width (on the ViT-L 10.9M parameters instead of "
+    "the paper's 76M): less memory in fine-tuning (docs/BENCHMARKS.md); off = as the paper.",
+    default=False,
+    group="finetune",
+)
 TRAINING = (
     EPOCHS.but(default=8),
     STEPS_PER_EPOCH.but(default=20),
@@ -146,6 +154,7 @@ FINETUNE_PARAMS = (
     ),
     HYPERT_TRAINABLE,
     LOG_SPACE,
+    COMPACT_DECODER,
     *TRAINING,
 )
 MAP_PARAMS = (
@@ -175,6 +184,7 @@ def build(backbone: str, config: dict[str, Any], bands: int, checkpoints: dict[s
         config["hypert_trainable"],
         config["log_space"],
         config.get("mask_ratio", MASK_RATIO),
+        config.get("compact_decoder", False),
     )
 
 
@@ -249,6 +259,7 @@ def prepare_finetune(ctx: JobContext, p: dict[str, Any]) -> Training:
     ctx.progress(0.0, "reading the labelled area", force=True)
     setup = band_setup(p["image"], p["bands"], p["wavelengths"], p["sensor"])
     init, config = None, base_config(p, "segment", setup.wavelengths, setup.source)
+    config["compact_decoder"] = p["compact_decoder"]
     if p["init_adapter"]:
         init, meta = start_from(p["init_adapter"], p["backbone"])
         # HyperT is sized to the stage-1 bands: this imagery is taken to them.
@@ -379,7 +390,15 @@ SPEC = register(
         apply_title="Map land cover (SpectralX adapter)",
         task_title="Map land cover",
         cpu_mp_per_s=0.02,  # scalemae_vit_l, batches of 4 tiles of 224², 2-core dev VM (docs/BENCHMARKS.md)
-        build_config=("stage", "wavelengths", "num_classes", "hypert_trainable", "log_space", "mask_ratio"),
+        build_config=(
+            "stage",
+            "wavelengths",
+            "num_classes",
+            "hypert_trainable",
+            "log_space",
+            "mask_ratio",
+            "compact_decoder",
+        ),
         pretraining=Pretraining(
             "adapt",
             "Adapt SpectralX to this imagery",
