@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -75,23 +76,40 @@ def build_parser() -> argparse.ArgumentParser:
             if p["choices"] and not p["editable"]:
                 kwargs["choices"] = [str(c) for c in p["choices"]]
             jp.add_argument("--" + p["name"].replace("_", "-"), required=p["required"], **kwargs)
+        if any(p["name"] == "adapter_name" for p in job["params"]):  # a job that trains
+            jp.add_argument(
+                "--nproc",
+                type=int,
+                default=1,
+                help="train on this many processes under torchrun: one per GPU, or CPU processes (default: 1)",
+            )
         jp.add_argument("--json", action="store_true", help="print the result (outputs, metrics) as one JSON object")
         jp.add_argument("--quiet", action="store_true", help="no progress bar")
         jp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
 
-def run_cli_job(name: str, args: argparse.Namespace) -> int:
+def job_params(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The job's parameters from the command line, checked; None (with the error printed) when they are wrong."""
+    from backend.jobs import JOBS
+
+    spec = JOBS[name]
+    raw = {p.name: getattr(args, p.name) for p in spec.params if getattr(args, p.name) is not None}
+    try:
+        return spec.validate(raw)
+    except ValueError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0) -> int:
     from backend.context import JobContext, clean_stale_partials
     from backend.jobs import JOBS
     from backend.jobs.base import run_job
 
     spec = JOBS[name]
-    raw = {p.name: getattr(args, p.name) for p in spec.params if getattr(args, p.name) is not None}
-    try:
-        params = spec.validate(raw)
-    except ValueError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+    params = job_params(name, args)
+    if params is None:
         return 2
     clean_stale_partials()  # of a job killed earlier (as the worker does when it starts)
     bar = ProgressBar(args.quiet)
@@ -104,6 +122,8 @@ def run_cli_job(name: str, args: argparse.Namespace) -> int:
         elif level == "estimate" and not args.quiet:  # the job's size, before the long part starts
             print(msg, file=sys.stderr)
 
+    if rank != 0:  # one of several torchrun processes: rank 0 reports
+        bar, show_warning = ProgressBar(quiet=True), lambda *a, **k: None
     ctx = JobContext(on_progress=bar, on_log=show_warning)
     box: dict[str, Any] = {}
 
@@ -129,8 +149,12 @@ def run_cli_job(name: str, args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
     bar.close()
     if "error" in box:
+        if rank != 0:  # rank 0 meets the same error and reports it
+            return 2 if isinstance(box["error"], P.JobError) and box["error"].code in BAD_INPUT_CODES else 1
         return report_error(box["error"], args.debug)
     result = box["result"]
+    if rank != 0:
+        return 0
     for w in result.warnings:  # those a job collected without logging them as they happened
         show_warning("warning", w)
     if args.json:
@@ -304,7 +328,50 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker_main()
     start = time.monotonic()
-    code = run_cli_job(args.command, args)
-    if code == 0 and not args.json and not args.quiet:
+    code = run_job_here_or_on_processes(args, sys.argv[1:] if argv is None else argv)
+    if code == 0 and not args.json and not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"done in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return code
+
+
+def run_job_here_or_on_processes(args: argparse.Namespace, argv: list[str]) -> int:
+    """The job in this process; with --nproc N, the same command on N processes under torchrun; as one of
+    those, in the process group torchrun set up."""
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        print("Error: --nproc must be 1 or more.", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from backend.distributed import torchrun
+
+        torchrun.start()
+        try:
+            return run_cli_job(args.command, args, torchrun.rank())
+        finally:
+            torchrun.stop()
+    if nproc > 1:
+        from backend.distributed import torchrun
+        from backend.training.ddp import batch_problem
+
+        params = job_params(args.command, args)  # before starting N processes that would each say so
+        if params is None:
+            return 2
+        problem = batch_problem(params["batch_size"], nproc)
+        if problem:
+            print(f"Error: {problem[0]}\nHint: {problem[1]}", file=sys.stderr)
+            return 2
+        return torchrun.launch(without_nproc(argv), nproc)
+    return run_cli_job(args.command, args)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """argv without `--nproc N` / `--nproc=N` (each process is one of the N)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out

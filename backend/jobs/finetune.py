@@ -28,6 +28,7 @@ from backend.params import (
 )
 from backend.protocol import INVALID_INPUT, JobError, JobResult
 from backend.runtime import resolve_device
+from backend.training import ddp
 from backend.training.loop import fit
 
 
@@ -117,7 +118,8 @@ def train_and_save(
             "dtype": np.dtype(training.dtype).name,
         },
     )
-    folder = adapters.save(name, result.best_state, meta, overwrite=p["overwrite"])
+    # Under torchrun every process ends with the same adapter; rank 0 alone writes it.
+    folder = adapters.save(name, result.best_state, meta, overwrite=p["overwrite"]) if ddp.world()[0] == 0 else None
     metrics: dict[str, Any] = {
         "adapter": name,
         "adapter_path": str(folder),

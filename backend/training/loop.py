@@ -1,6 +1,7 @@
 """The one training loop: stages of epochs of steps, validation after every epoch, the best epoch kept, early
 stopping. A method gives its recipe (stages, a batch sampler, the loss, validation and the metric that picks
 the best epoch); the loop owns the optimiser, autocast, progress, epoch records and the adapter snapshots.
+Under torchrun the processes share each batch (ddp.py); rank 0 reports.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from backend.context import JobContext
+from backend.training import ddp
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -70,6 +72,7 @@ def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
     torch.manual_seed(recipe.seed)
     device = torch.device(recipe.device)
     model.to(device)
+    ddp.check_batch(recipe.batch_size)
     autocast = device.type == "cuda"
     stages = [s for s in recipe.stages if s.epochs > 0]
     total = max(sum(s.epochs for s in stages), 1)
@@ -83,6 +86,7 @@ def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
             model.load_adapter_state(best.best_state)  # type: ignore[operator]
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = (stage.optimizer or (lambda ps, lr: torch.optim.Adam(ps, lr=lr)))(trainable, stage.lr)
+        step_loss = ddp.loss_of(model, recipe.loss, device)
         schedule = stage.schedule(optimizer) if stage.schedule else None
         prefix = f"{stage.title}, " if stage.title else ""
         stale = 0
@@ -90,9 +94,10 @@ def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
             model.train()
             losses = []
             for step in range(recipe.steps_per_epoch):
-                batch = tuple(torch.from_numpy(a).to(device) for a in recipe.sample(recipe.batch_size))
+                arrays = ddp.share(recipe.sample(recipe.batch_size))  # all of it on one process
+                batch = tuple(torch.from_numpy(a).to(device) for a in arrays)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = recipe.loss(model, batch)
+                    loss = step_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -106,9 +111,9 @@ def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
                     f"loss {losses[-1]:.5g}",
                 )
             model.eval()
-            metrics = recipe.validate(model)
+            metrics = ddp.on_rank_0(lambda: recipe.validate(model))
             record: dict[str, Any] = {"stage": stage.id} if several else {}
-            record |= {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+            record |= {"epoch": epoch + 1, "loss": ddp.mean_over_ranks(float(np.mean(losses)), device)}
             record |= {f"val_{k}": v for k, v in metrics.items()}
             history.append(record)
             message = (
