@@ -107,27 +107,36 @@ def run_tiled(
     out_channels: int,
     spec: TileSpec,
     on_tile: Callable[[int, int], None] | None = None,
+    part: tuple[range, range] | None = None,
 ) -> None:
     """Predict over a height x width grid tile by tile; blended blocks go to `sink` in row-major order.
 
     Blocks are aligned on a grid of `spec.stride` pixels. Tiles without any valid pixel are not
     predicted and their pixels are reported invalid. `on_tile(done, total)` runs after each batch
     (progress and cancellation checks).
+
+    `part` (tile rows, tile columns; see `tile_grid`) hands `sink` only the blocks of those tiles, computing
+    the tiles they need (also the row above and the column left of them, whose overlaps blend in) on the
+    whole grid's lattice and weights: the blocks are bit for bit those of a run over the whole grid.
     """
     ys, wys, wy_sum = _axis_weights(height, spec)
     xs, wxs, wx_sum = _axis_weights(width, spec)
     s, ov, k_ch = spec.stride, spec.overlap, out_channels
-    total, done = len(ys) * len(xs), 0
+    rows_out, cols_out = part or (range(len(ys)), range(len(xs)))
+    tile_rows = range(max(rows_out.start - 1, 0), rows_out.stop)
+    tile_cols = range(max(cols_out.start - 1, 0), cols_out.stop)
+    total, done = len(tile_rows) * len(tile_cols), 0
     below = np.zeros((k_ch, ov, width), dtype=np.float32)  # tile row k-1 -> rows [y, y+ov)
 
-    for ki, y in enumerate(ys):
+    for ki in tile_rows:
+        y = ys[ki]
         h = min(spec.tile, height - y)
         last_row = ki == len(ys) - 1
         new_below = np.zeros_like(below)
         left: np.ndarray | None = None  # tile j-1 -> columns [x, x+ov) of this tile row
         norm_y = wys[ki] / wy_sum[y : y + h]
-        for j0 in range(0, len(xs), spec.batch):
-            batch_idx = range(j0, min(j0 + spec.batch, len(xs)))
+        for j0 in range(tile_cols.start, tile_cols.stop, spec.batch):
+            batch_idx = range(j0, min(j0 + spec.batch, tile_cols.stop))
             reads = []
             for ji in batch_idx:
                 x = xs[ji]
@@ -151,11 +160,12 @@ def run_tiled(
                     c = np.zeros((k_ch, h, w), dtype=np.float32)
                 if left is not None:
                     c[:, :, : left.shape[2]] += left
-                c0 = ov if ji > 0 else 0  # columns before c0 already got `below` via `left`
+                c0 = ov if ji > tile_cols.start else 0  # columns before c0 already got `below` via `left`
                 c[:, : min(ov, h), c0:] += below[:, : min(ov, h), x + c0 : x + w]
                 rows = h if last_row else s
                 cols = w if last_col else s
-                sink(Window(x, y, cols, rows), c[:, :rows, :cols], reads[i][1][:rows, :cols])
+                if ki in rows_out and ji in cols_out:
+                    sink(Window(x, y, cols, rows), c[:, :rows, :cols], reads[i][1][:rows, :cols])
                 if not last_row:
                     new_below[:, :, x : x + cols] = c[:, s:, :cols]
                 left = None if last_col else c[:, :, s:].copy()
@@ -163,6 +173,11 @@ def run_tiled(
             if on_tile:
                 on_tile(done, total)
         below = new_below
+
+
+def tile_grid(height: int, width: int, spec: TileSpec) -> tuple[int, int]:
+    """The number of tile rows and columns over a height x width grid (what `part` indexes)."""
+    return len(tile_starts(height, spec.tile, spec.stride)), len(tile_starts(width, spec.tile, spec.stride))
 
 
 def _pad(a: np.ndarray, size: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import rasterio
@@ -10,7 +12,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from backend.io.raster import RasterSource
-from backend.io.tiling import TileSpec, run_tiled
+from backend.io.tiling import TileSpec, run_tiled, tile_grid
 
 
 def pointwise(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -25,8 +27,10 @@ def blur(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.uniform_filter(t[0], size=7, mode="reflect")[None] for t in batch])
 
 
-def tiled(image: np.ndarray, fn, channels: int, spec: TileSpec) -> tuple[np.ndarray, list[Window]]:
-    out = np.full((channels, *image.shape[1:]), np.nan, dtype=np.float32)
+def tiled(
+    image: np.ndarray, fn, channels: int, spec: TileSpec, part=None, out: np.ndarray | None = None
+) -> tuple[np.ndarray, list[Window]]:
+    out = np.full((channels, *image.shape[1:]), np.nan, dtype=np.float32) if out is None else out
     windows: list[Window] = []
 
     def read(win: Window):
@@ -39,7 +43,7 @@ def tiled(image: np.ndarray, fn, channels: int, spec: TileSpec) -> tuple[np.ndar
         out[:, r : r + h, c : c + w] = values
         windows.append(win)
 
-    run_tiled(image.shape[1], image.shape[2], read, fn, sink, channels, spec)
+    run_tiled(image.shape[1], image.shape[2], read, fn, sink, channels, spec, part=part)
     return out, windows
 
 
@@ -65,6 +69,26 @@ def test_tiled_neighbourhood_op_is_seamless(scene: np.ndarray, tile: int, overla
     whole = blur(scene[None, :1], None)[0]
     out, _ = tiled(scene[:1], blur, 1, TileSpec(tile, overlap, batch=2, margin=3))
     assert np.abs(out - whole).max() <= 1e-3  # float32 sums of 49 values of up to 255
+
+
+def position_dependent(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Depends on where the tile starts (a running sum from its left edge), so blending is seen in the result."""
+    return np.cumsum(batch[:, :1], axis=-1) / 1000.0
+
+
+@pytest.mark.parametrize(("tile", "overlap", "cut"), [(128, 32, (3, 2)), (200, 16, (2, 4)), (96, 24, (4, 3))])
+def test_parts_of_the_tile_grid_give_the_whole_run_bit_for_bit(scene: np.ndarray, tile: int, overlap: int, cut) -> None:
+    """Blocks of tile rows and columns, each run on its own (as cluster workers do), assemble to the whole run."""
+    spec = TileSpec(tile, overlap, batch=3)
+    whole, _ = tiled(scene, position_dependent, 1, spec)
+    n_rows, n_cols = tile_grid(scene.shape[1], scene.shape[2], spec)
+    out = np.full_like(whole, np.nan)
+    row_cuts = np.linspace(0, n_rows, cut[0] + 1).astype(int)
+    col_cuts = np.linspace(0, n_cols, cut[1] + 1).astype(int)
+    for r0, r1 in itertools.pairwise(row_cuts):
+        for c0, c1 in itertools.pairwise(col_cuts):
+            tiled(scene, position_dependent, 1, spec, (range(r0, r1), range(c0, c1)), out)
+    assert np.array_equal(out, whole)  # every pixel written once, and the same bits
 
 
 def test_scene_smaller_than_a_tile_is_padded(scene: np.ndarray) -> None:
