@@ -148,9 +148,7 @@ def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     bar.close()
-    if "error" in box:
-        if rank != 0:  # rank 0 meets the same error and reports it
-            return 2 if isinstance(box["error"], P.JobError) and box["error"].code in BAD_INPUT_CODES else 1
+    if "error" in box:  # every process says what stopped it (the launcher shows a line once)
         return report_error(box["error"], args.debug)
     result = box["result"]
     if rank != 0:
@@ -329,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main()
     start = time.monotonic()
     code = run_job_here_or_on_processes(args, sys.argv[1:] if argv is None else argv)
-    if code == 0 and not args.json and not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+    if code == 0 and not args.json and not args.quiet and "WORLD_SIZE" not in os.environ:  # the launcher says it
         print(f"done in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return code
 
@@ -341,27 +339,32 @@ def run_job_here_or_on_processes(args: argparse.Namespace, argv: list[str]) -> i
     if nproc < 1:
         print("Error: --nproc must be 1 or more.", file=sys.stderr)
         return 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from backend.distributed import torchrun
+    if nproc == 1 and "WORLD_SIZE" not in os.environ:  # the usual case: this process
+        return run_cli_job(args.command, args)
+    from backend.distributed import torchrun
+    from backend.runtime import resolve_device
 
-        torchrun.start()
+    params = job_params(args.command, args)  # before starting N processes that would each say so
+    if params is None:
+        return 2
+    try:
+        device = resolve_device(params["device"])
+    except P.JobError as exc:
+        return report_error(exc, args.debug)
+    if torchrun.launched():
+        torchrun.start(device)
         try:
             return run_cli_job(args.command, args, torchrun.rank())
         finally:
             torchrun.stop()
-    if nproc > 1:
-        from backend.distributed import torchrun
-        from backend.training.ddp import batch_problem
+    from backend.training.ddp import batch_problem
 
-        params = job_params(args.command, args)  # before starting N processes that would each say so
-        if params is None:
-            return 2
-        problem = batch_problem(params["batch_size"], nproc)
-        if problem:
-            print(f"Error: {problem[0]}\nHint: {problem[1]}", file=sys.stderr)
-            return 2
-        return torchrun.launch(without_nproc(argv), nproc)
-    return run_cli_job(args.command, args)
+    batch = batch_problem(params["batch_size"], nproc)
+    problem = f"{batch[0]}\nHint: {batch[1]}" if batch else torchrun.device_problem(device, nproc)
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
+    return torchrun.launch(without_nproc(argv), nproc)
 
 
 def without_nproc(argv: list[str]) -> list[str]:

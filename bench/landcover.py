@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "map": mapping,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_compact" if args.compact_decoder else ""
+    suffix = ("_compact" if args.compact_decoder else "") + ("" if len(args.stages) == 2 else f"_{args.stages[0]}")
     (RESULTS / f"landcover_{device}_{dtype}{suffix}.json").write_text(json.dumps(out, indent=2))
     return 0
 

@@ -266,6 +266,12 @@ class CompareWidget(QWidget):
             label = self.form.labelForField(combo)
             if label is not None:
                 label.setText(name)
+        first, second = (n.lower() for n in names)
+        self.toggle_button.setToolTip(f"Show the {first} or the {second} layer (T)")
+        self.swipe_button.setToolTip(
+            f"Move the mouse over the map: the {second} layer shows left of the line, the {first} layer right of it. "
+            "Esc stops."
+        )
         self.before_combo.setLayer(before)
         self.after_combo.setLayer(after)
 

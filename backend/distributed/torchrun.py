@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -22,16 +23,20 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def start() -> None:
-    """Join the process group torchrun set up: NCCL with one GPU per process where there are GPUs, else gloo."""
+def start(device: str) -> None:
+    """Join the process group torchrun set up: NCCL with one GPU per process for a CUDA job, else gloo."""
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
-    if torch.cuda.is_available():
+    # Rank 0 validates while the others wait in a broadcast: allow for a long validation.
+    timeout = timedelta(hours=2)
+    if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" now means this process's GPU
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def stop() -> None:
@@ -41,22 +46,56 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+def device_problem(device: str, nproc: int) -> str | None:
+    """What stops `nproc` processes on `device` (the job's resolved device), if anything."""
+    if not device.startswith("cuda"):
+        return None
+    if ":" in device:
+        return f"With --nproc each process takes its own GPU: choose the device cuda (or auto), not {device}."
+    import torch
+
+    if torch.cuda.device_count() < nproc:
+        return f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch.cuda.device_count()}."
+    return None
+
+
 def launch(argv: list[str], nproc: int) -> int:
-    """Run `python -m backend *argv` on `nproc` local processes. Their output passes through; torchrun's own
-    notes and its report of a failed process are replaced by one line (the process said what went wrong). The
-    exit code is the failed process's (2 for bad input), else torchrun's."""
+    """Run `python -m backend *argv` on `nproc` local processes. Their output passes through, each line once (the
+    processes meet the same bad input alike); torchrun's own notes and its report of a failed process are
+    replaced by one line. The exit code is the failed process's (2 for bad input), else torchrun's."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.Popen([*command, "-m", "backend", *argv], stderr=subprocess.PIPE, text=True)
-    failed_with, in_report = None, False
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        code = re.search(r"failed \(exitcode: (-?\d+)\)", line)
-        if code and failed_with is None:
-            failed_with, in_report = int(code.group(1)), True
-        if in_report or AGENT.search(line):
-            continue
-        sys.stderr.write(line)
-    proc.wait()
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))  # torchrun would say 1
+    proc = subprocess.Popen(
+        [*command, "-m", "backend", *argv], stderr=subprocess.PIPE, text=True, errors="replace", env=env
+    )
+    cancelled = []
+
+    def cancel(*_: object) -> None:  # torchrun passes SIGINT on to the processes, which cancel
+        cancelled.append(True)
+        proc.send_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, cancel)
+    failed_with, seen = None, set()
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            code = re.search(r"failed \(exitcode: (-?\d+)\)", line)
+            if code and failed_with is None:
+                # torchrun has stopped the other processes by now: what follows is its own report.
+                failed_with = int(code.group(1))
+            if failed_with is not None or AGENT.search(line) or (line.strip() and line in seen):
+                continue
+            if cancelled and not line.startswith(("Error:", "Hint:")):
+                continue  # torchrun's traceback of the signal, the processes' notes
+            seen.add(line)
+            sys.stderr.write(line)
+        proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if cancelled:
+        print("Cancelled.", file=sys.stderr)
+        return 1
     if failed_with is not None:
         print(f"A process stopped (exit code {failed_with}), so the others were stopped.", file=sys.stderr)
         return failed_with if failed_with > 0 else proc.returncode

@@ -142,7 +142,7 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
         if unknown.size:
             ctx.warn(
                 f"The reference raster holds class numbers the adapter does not know ({', '.join(map(str, unknown))}); "
-                "their pixels count as errors."
+                "their pixels count as errors, and those classes enter mIoU and mean F1 with a score of 0."
             )
     metrics = landcover_scores(confusion.matrix, names)
     metrics["scored_pixels"] = scored

@@ -160,16 +160,17 @@ def pad_to_patches(area: TrainingArea, patch: int) -> TrainingArea:
 
 def split_by_pixels(area: TrainingArea, val_fraction: float, seed: int = 0) -> tuple[TrainingArea, TrainingArea]:
     """For an area too small to cut in two (a hyperspectral chip with a few labelled pixels): the same area
-    twice, each class's labelled pixels dealt at random between them (`val_fraction` of them, at least one, to
-    validation where a class has two or more), the other copy's pixels unlabelled. Validation pixels are then
-    seen as unlabelled context in training patches, as in the hyperspectral literature's pixel splits."""
+    twice, each class's labelled pixels dealt at random between them (`val_fraction` of them, at least one and
+    leaving one, to validation where a class has two or more), the other copy's pixels unlabelled. Validation
+    pixels are then seen as unlabelled context in training patches, as in the hyperspectral literature's pixel
+    splits."""
     rng = np.random.default_rng(seed)
     train, val = area.label.copy(), np.full_like(area.label, IGNORE)
     for k in np.unique(area.label[area.label != IGNORE]):
         at = np.flatnonzero(area.label == k)
         if len(at) < 2:
             continue
-        held = rng.permutation(at)[: max(round(len(at) * val_fraction), 1)]
+        held = rng.permutation(at)[: min(max(round(len(at) * val_fraction), 1), len(at) - 1)]
         train.flat[held], val.flat[held] = IGNORE, k
     return (
         TrainingArea(area.images, train, area.grid, area.classes),

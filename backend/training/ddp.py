@@ -1,11 +1,13 @@
 """Data-parallel fine-tuning inside the one training loop, when the job runs under torchrun.
 
 Every rank draws the same global batch from the recipe's seeded sampler and trains on its share of it, so N
-processes train on what one process would (the gradient of the mean loss over the global batch, up to
-BatchNorm, which sees each rank's share). Only the trainable parameters are in DistributedDataParallel (the
-frozen backbone needs no gradient all-reduce; trainable parameters a forward leaves unused are allowed).
-Validation runs on rank 0 and its scores are broadcast, so every rank takes the same decisions (best epoch,
-early stop)."""
+processes train on the batches one process would. The gradient is the mean of the shares' mean losses: the
+global batch's mean loss where every share weighs alike, up to BatchNorm (which sees each share) and to losses
+averaged over labelled pixels (shares may hold different numbers); random draws inside the model (dropout,
+masks, noise) differ per rank, as they differ per patch in one process. DistributedDataParallel exchanges
+the gradients of the trainable parameters only (the frozen backbone has none); it sends the module's state
+from rank 0 once per stage, so all start alike. Validation runs on rank 0 and its scores are broadcast, so
+every rank takes the same decisions (best epoch, early stop)."""
 
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ class FitResult:
 def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
     """Train `model` (which has `adapter_state_dict`/`load_adapter_state`) by `recipe`; the model ends in the
     best epoch's adapter state, which the result also holds."""
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed + ddp.world()[0])  # under torchrun each process draws its own dropout and noise
     device = torch.device(recipe.device)
     model.to(device)
     ddp.check_batch(recipe.batch_size)
@@ -86,6 +86,7 @@ def fit(model: nn.Module, recipe: Recipe, ctx: JobContext) -> FitResult:
             model.load_adapter_state(best.best_state)  # type: ignore[operator]
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = (stage.optimizer or (lambda ps, lr: torch.optim.Adam(ps, lr=lr)))(trainable, stage.lr)
+        step_loss = None  # the previous stage's DistributedDataParallel goes before the next is made
         step_loss = ddp.loss_of(model, recipe.loss, device)
         schedule = stage.schedule(optimizer) if stage.schedule else None
         prefix = f"{stage.title}, " if stage.title else ""

@@ -244,7 +244,8 @@ def export_labels(layer: QgsVectorLayer, path: Path, task: str | None = None) ->
     labels = QgsVectorLayer(str(path), f"{layer.name()} – reviewed labels", "ogr")
     if not labels.isValid():
         raise ValueError(f"The labels were written to {path} but cannot be opened.")
-    apply_label_style(labels, "change")
+    # Accepted and rejected as change / no change; land cover's labels are all accepted.
+    apply_label_style(labels, "change" if review.keep_rejected else (task or "change"))
     QgsProject.instance().addMapLayer(labels)
     if not review.keep_rejected:
         message = (

@@ -22,22 +22,22 @@ class Regression(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.frozen = nn.Linear(8, 8).requires_grad_(False)  # stays out of DistributedDataParallel's reduce
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)  # no gradient to exchange until stage 2
         self.head = nn.Linear(8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.frozen(x)))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.head.state_dict())
+        return dict(self.state_dict())
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.head.load_state_dict(state)
+        self.load_state_dict(state)
 
 
 def main() -> None:
     if torchrun.launched():
-        torchrun.start()
+        torchrun.start("cpu")
     rng = np.random.default_rng(0)  # the same stream on every rank: each draws the global batch
     w = np.linspace(-1, 1, 8).astype(np.float32)
 
@@ -58,7 +58,8 @@ def main() -> None:
             return {"score": -float(nn.functional.mse_loss(m(val[0]), val[1]))}
 
     recipe = Recipe(
-        [Stage("fit", "", 3, 0.05)],
+        # A second stage trains another set of parameters: DistributedDataParallel is made again for it.
+        [Stage("fit", "", 3, 0.05), Stage("more", "", 2, 0.01, enter=lambda: model.frozen.requires_grad_(True))],
         sample=sample,
         loss=loss,
         validate=validate,

@@ -5,6 +5,7 @@ reporting and saving."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_two_processes_train_exactly_as_one_on_the_same_global_batch() -> None:
     """No BatchNorm or dropout in the probe's model, so the only difference allowed is float rounding."""
     one = probe(sys.executable)
     two = probe(*TORCHRUN, "--nproc-per-node=2")
-    assert one["batches"] == [8] * 15 and two["batches"] == [4] * 15  # each process trains on its half
+    assert one["batches"] == [8] * 25 and two["batches"] == [4] * 25  # each process trains on its half
     assert np.allclose(two["losses"], one["losses"], rtol=1e-6)
     assert one["losses"][-1] < 0.5 * one["losses"][0]  # it did learn
     for k, w in one["weights"].items():
@@ -78,6 +79,24 @@ def test_bad_input_on_several_processes_is_one_plain_error(tmp_path: Path) -> No
 )
 def test_each_process_runs_the_command_without_nproc(argv: list[str], expected: list[str]) -> None:
     assert without_nproc(argv) == expected
+
+
+def test_cancel_stops_every_process_and_saves_nothing(tmp_path: Path) -> None:
+    """SIGINT to the command (what Ctrl-C sends) once training has started: one "Cancelled.", no adapter."""
+    before, after, label = levir("test_2_0000_0512")
+    args = ["--before", str(before), "--after", str(after), "--labels", str(label), "--adapter-name", "stop"]
+    args += ["--backbone", "tiny_vit_tiny", "--allow-random-backbone", "--epochs", "50", "--patch-size", "64"]
+    env = {"RS_PEFT_QGIS_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "backend", "change.finetune", *args, "--batch-size", "4", "--nproc", "2"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # wait for the first training step, not for a fixed time
+        if "fine-tuning" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and "Cancelled." in rest and "Traceback" not in rest
+    assert not list((tmp_path / "data").rglob("adapter.json"))
 
 
 @pytest.mark.cuda

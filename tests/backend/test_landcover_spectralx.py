@@ -270,7 +270,7 @@ def test_a_hyperspectral_chip_smaller_than_a_patch_adapts_trains_and_maps(librar
 def test_an_area_too_small_to_cut_is_split_by_labelled_pixels_of_each_class() -> None:
     from backend.io.raster import Grid
     from backend.io.rasterize import IGNORE
-    from backend.training.areas import TrainingArea, can_split_by_area, train_val_parts, val_patches
+    from backend.training.areas import TrainingArea, can_split_by_area, split_by_pixels, train_val_parts, val_patches
 
     label = np.full((31, 20), IGNORE, np.uint8)
     label[1, :7], label[5, :8], label[9, :2], label[20, 0] = 1, 2, 3, 4  # class 4: one pixel, kept for training
@@ -289,3 +289,5 @@ def test_an_area_too_small_to_cut_is_split_by_labelled_pixels_of_each_class() ->
     assert np.array_equal(kept, label)  # together they hold every label once
     patches = val_patches((val, (slice(0, 32), slice(0, 32))), 16)
     assert sum(int(np.sum(p[1] != IGNORE)) for p in patches) == 5  # tiled without overlap: counted once
+    train, val = split_by_pixels(area, 0.9)
+    assert np.sum(train.label == 3) == 1 and np.sum(val.label == 3) == 1  # a class keeps a pixel to train on

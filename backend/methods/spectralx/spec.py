@@ -91,7 +91,7 @@ LOG_SPACE = Param(
 COMPACT_DECODER = Param(
     "compact_decoder",
     bool,
-    "Narrow the UPerNet decoder to a quarter of the encoder's width (on the ViT-L 10.9M parameters instead of "
+    "Narrow the UPerNet decoder to a quarter of the encoder's width (on the ViT-L 11.0M parameters instead of "
     "the paper's 76M): less memory in fine-tuning (docs/BENCHMARKS.md); off = as the paper.",
     default=False,
     group="finetune",

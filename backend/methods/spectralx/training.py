@@ -21,6 +21,7 @@ from backend.metrics.landcover import landcover_scores
 from backend.metrics.segmentation import ConfusionMatrix
 from backend.models.peft.checkpointing import wants_checkpointing
 from backend.protocol import INVALID_INPUT, JobError
+from backend.training import ddp
 from backend.training.areas import (
     TrainingArea,
     can_split_by_area,
@@ -116,7 +117,7 @@ def adapt_recipe(
     val = [val_part[:, r : r + patch, c : c + patch] for r in rows for c in cols]
     dev = torch.device(device)
     normalize = normalizer(norm, dev)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(SEED + ddp.world()[0])  # each torchrun process masks its own patches
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return model.reconstruction_loss(normalize(batch[0]), generator)  # type: ignore[operator]
