@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 from backend import declared
 from backend import protocol as P
+from backend.distributed import torchrun  # standard library only: torch loads when a job runs
 
 BAD_INPUT_CODES = {P.INVALID_INPUT, P.MISSING_WEIGHTS}
 
@@ -172,9 +172,9 @@ def report_error(exc: BaseException, debug: bool) -> int:
     err = to_job_error(exc)
     if debug:
         traceback.print_exception(exc)
-    print(f"Error: {err.message}", file=sys.stderr)
-    if err.hint:
-        print(f"Hint: {err.hint}", file=sys.stderr)
+    # One write: torchrun processes share the pipe, and whole lines let the launcher show each once.
+    sys.stderr.write(f"Error: {err.message}\n" + (f"Hint: {err.hint}\n" if err.hint else ""))
+    sys.stderr.flush()
     return 2 if err.code in BAD_INPUT_CODES else 1
 
 
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main()
     start = time.monotonic()
     code = run_job_here_or_on_processes(args, sys.argv[1:] if argv is None else argv)
-    if code == 0 and not args.json and not args.quiet and "WORLD_SIZE" not in os.environ:  # the launcher says it
+    if code == 0 and not args.json and not args.quiet and not torchrun.launched():  # else the launcher says it
         print(f"done in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return code
 
@@ -339,9 +339,8 @@ def run_job_here_or_on_processes(args: argparse.Namespace, argv: list[str]) -> i
     if nproc < 1:
         print("Error: --nproc must be 1 or more.", file=sys.stderr)
         return 2
-    if nproc == 1 and "WORLD_SIZE" not in os.environ:  # the usual case: this process
+    if nproc == 1 and not torchrun.launched():  # the usual case: this process
         return run_cli_job(args.command, args)
-    from backend.distributed import torchrun
     from backend.runtime import resolve_device
 
     params = job_params(args.command, args)  # before starting N processes that would each say so
