@@ -65,10 +65,11 @@ system:
 	  $(SUDO) apt-get install $(APT_OPTS) $(TOOL_PKGS); \
 	fi
 
-$(VB)/.ok: requirements/torch.txt requirements/backend.txt requirements/dev.txt requirements/reference.txt
+$(VB)/.ok: requirements/torch.txt requirements/backend.txt requirements/dev.txt requirements/reference.txt \
+    requirements/ray.txt
 	$(PYTHON) -m venv $(VB)
 	$(VB)/bin/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
-	$(VB)/bin/pip install -q -r requirements/backend.txt -r requirements/dev.txt
+	$(VB)/bin/pip install -q -r requirements/backend.txt -r requirements/dev.txt -r requirements/ray.txt
 	$(VB)/bin/pip install -q --no-deps -r requirements/reference.txt
 	touch $@
 

@@ -159,6 +159,11 @@ def _meta_problem(meta: AdapterMeta) -> str:
     return ""
 
 
+def weights_file(name: str) -> Path:
+    """The adapter's tensors file (its modification time tells a changed adapter)."""
+    return _folder(name) / WEIGHTS
+
+
 def load(name: str) -> tuple[dict[str, torch.Tensor], AdapterMeta]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -22,6 +22,7 @@ from typing import Any
 from backend import declared
 from backend import protocol as P
 from backend.distributed import torchrun  # standard library only: torch loads when a job runs
+from backend.params import LAYER_KINDS
 
 BAD_INPUT_CODES = {P.INVALID_INPUT, P.MISSING_WEIGHTS}
 
@@ -64,18 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("catalog", help="print every job's parameters and outputs as JSON (what QGIS builds on)")
     cat.add_argument("--write", metavar="PATH", help="write it to a file instead (resources/jobs.json)")
     add_manage_commands(sub)
+    on_cluster = [name for name, job in declared.jobs().items() if any(p["name"] == "cluster" for p in job["params"])]
+    cl = sub.add_parser(
+        "cluster",
+        help="run an apply job on a Ray cluster: cluster JOB --address local|auto|HOST:PORT [the job's options]",
+        description="Run an apply job on a Ray cluster (docs/SCALING.md). The job's own options follow; a raster or "
+        "vector option may name several scenes (each processed on its own grid, into a folder of its own).",
+    )
+    cl.add_argument("job", choices=on_cluster, metavar="JOB", help=f"one of: {', '.join(on_cluster)}")
+    cl.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="--address local|auto|HOST:PORT|ray://HOST:10001 (required), --workers N (actors; default: a GPU "
+        "each, or one per 4 CPUs), --block-size PX (a part's side, default 4096), then the job's own options "
+        "(python -m backend cluster JOB -h)",
+    )
     for name, job in declared.jobs().items():
         jp = sub.add_parser(name, help=job["summary"], description=job["summary"])
-        for p in job["params"]:
-            default = "" if p["default"] is None else f" (default: {p['default']})"
-            kwargs: dict[str, Any] = {"help": p["help"] + default, "dest": p["name"]}
-            if p["type"] == "bool":
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["metavar"] = p["name"].upper()
-            if p["choices"] and not p["editable"]:
-                kwargs["choices"] = [str(c) for c in p["choices"]]
-            jp.add_argument("--" + p["name"].replace("_", "-"), required=p["required"], **kwargs)
+        add_job_arguments(jp, job)
         if any(p["name"] == "adapter_name" for p in job["params"]):  # a job that trains
             jp.add_argument(
                 "--nproc",
@@ -87,6 +94,61 @@ def build_parser() -> argparse.ArgumentParser:
         jp.add_argument("--quiet", action="store_true", help="no progress bar")
         jp.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, job: dict[str, Any], scenes: bool = False) -> None:
+    """The job's parameters as options; with `scenes`, a layer option takes one or more paths."""
+    for p in job["params"]:
+        default = "" if p["default"] is None else f" (default: {p['default']})"
+        kwargs: dict[str, Any] = {"help": p["help"] + default, "dest": p["name"]}
+        if p["type"] == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = p["name"].upper()
+        if p["choices"] and not p["editable"]:
+            kwargs["choices"] = [str(c) for c in p["choices"]]
+        if scenes and p["kind"] in LAYER_KINDS:
+            kwargs["nargs"] = "+"
+        parser.add_argument("--" + p["name"].replace("_", "-"), required=p["required"], **kwargs)
+
+
+def cluster_scenes(args: argparse.Namespace) -> tuple[argparse.Namespace, list[dict[str, Any]]] | None:
+    """`cluster JOB …`: the job's options parsed, one parameter set per scene (None, said, when they are wrong)."""
+    from backend.jobs import JOBS
+
+    job = declared.jobs()[args.job]
+    parser = argparse.ArgumentParser(prog=f"python -m backend cluster {args.job}", description=job["summary"])
+    parser.add_argument("--address", required=True, help="local (start a cluster here), auto, or the head's address")
+    parser.add_argument("--workers", type=int, default=0, help="actors (default: a GPU each, or one per 4 CPUs)")
+    parser.add_argument("--block-size", type=int, default=4096, help="pixels a side of a part (default: 4096)")
+    add_job_arguments(parser, job, scenes=True)
+    for flag in ("--json", "--quiet", "--debug"):
+        parser.add_argument(flag, action="store_true")
+    opts = parser.parse_args(args.args)
+    raw = {p.name: getattr(opts, p.name) for p in JOBS[args.job].params if getattr(opts, p.name) is not None}
+    lengths = {len(v) for v in raw.values() if isinstance(v, list) and len(v) > 1 and not isinstance(v[0], int)}
+    if len(lengths) > 1:
+        print("Error: the options that list several scenes must list as many each.", file=sys.stderr)
+        return None
+    n = lengths.pop() if lengths else 1
+    scenes = []
+    for i in range(n):
+        scene = {k: (v[i] if len(v) > 1 else v[0]) if k in layer_names(job) else v for k, v in raw.items()}
+        try:
+            scenes.append(JOBS[args.job].validate({**scene, "cluster": opts.address}))
+        except ValueError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            return None
+    if opts.workers < 0 or opts.block_size < 16:
+        print("Error: --workers must be 0 (automatic) or more, and --block-size at least 16.", file=sys.stderr)
+        return None
+    for flag in ("json", "quiet", "debug", "address", "workers", "block_size"):
+        setattr(args, flag, getattr(opts, flag))
+    return args, scenes
+
+
+def layer_names(job: dict[str, Any]) -> set[str]:
+    return {p["name"] for p in job["params"] if p["kind"] in LAYER_KINDS}
 
 
 def job_params(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -102,13 +164,14 @@ def job_params(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
         return None
 
 
-def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0) -> int:
+def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0, scenes: list[dict[str, Any]] | None = None) -> int:
+    """The job in this process (rank: which of several torchrun processes); with `scenes`, on a Ray cluster."""
     from backend.context import JobContext, clean_stale_partials
     from backend.jobs import JOBS
     from backend.jobs.base import run_job
 
     spec = JOBS[name]
-    params = job_params(name, args)
+    params = job_params(name, args) if scenes is None else scenes[0]
     if params is None:
         return 2
     clean_stale_partials()  # of a job killed earlier (as the worker does when it starts)
@@ -129,7 +192,12 @@ def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0) -> int:
 
     def target() -> None:
         try:
-            box["result"] = run_job(spec, params, ctx)
+            if scenes is None:
+                box["result"] = run_job(spec, params, ctx)
+            else:
+                from backend.distributed import cluster  # Ray loads only here
+
+                box["result"] = cluster.run_job(spec, ctx, scenes, args.address, args.workers, args.block_size)
         except BaseException as exc:
             box["error"] = exc
 
@@ -140,6 +208,9 @@ def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0) -> int:
         ctx.cancel_event.set()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    stdout = sys.stdout
+    if scenes is not None:  # Ray prints its notes (a worker died …) on stdout, which is the result's, so: stderr
+        sys.stdout = sys.stderr
     thread = threading.Thread(target=target, name="job", daemon=True)
     thread.start()
     try:
@@ -147,6 +218,7 @@ def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0) -> int:
             thread.join(0.2)
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.stdout = stdout
     bar.close()
     if "error" in box:  # every process says what stopped it (the launcher shows a line once)
         return report_error(box["error"], args.debug)
@@ -326,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker_main()
     start = time.monotonic()
+    if args.command == "cluster":
+        parsed = cluster_scenes(args)
+        code = 2 if parsed is None else run_cli_job(args.job, *parsed[:1], scenes=parsed[1])
+        if code == 0 and not args.json and not args.quiet:
+            print(f"done in {time.monotonic() - start:.1f} s", file=sys.stderr)
+        return code
     code = run_job_here_or_on_processes(args, sys.argv[1:] if argv is None else argv)
     if code == 0 and not args.json and not args.quiet and not torchrun.launched():  # else the launcher says it
         print(f"done in {time.monotonic() - start:.1f} s", file=sys.stderr)

@@ -130,6 +130,10 @@ class JobContext:
         self._pending.append((tmp, final))
         return tmp
 
+    def pending_path(self, final: Path) -> Path:
+        """The temporary path that `output_path` gave for `final` (to rewrite an output before it commits)."""
+        return next(tmp for tmp, f in self._pending if f == final)
+
     def commit_outputs(self) -> None:
         for tmp, final in self._pending:
             os.replace(tmp, final)

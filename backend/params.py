@@ -194,6 +194,14 @@ BATCH_SIZE = Param("batch_size", int, "Tiles per forward pass.", minimum=1, maxi
 TILING = (TILE_SIZE, OVERLAP, BATCH_SIZE)
 
 # --- device ----------------------------------------------------------------------------------------------------
+CLUSTER = Param(
+    "cluster",
+    str,
+    "Run on a Ray cluster: local (start one on this machine), auto (the one `ray start` made here), or the head's "
+    "address (host:6379 or ray://host:10001). Inputs and the output folder must be reachable from every node. "
+    "Empty: this machine only.",
+    group="device",
+)
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE = Param(
     "device",

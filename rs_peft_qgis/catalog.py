@@ -41,7 +41,8 @@ class ParamInfo:
     def label(self) -> str:
         """The name as an analyst reads it: 'tile_size' -> 'Tile size'."""
         words = self.name.replace("_", " ")
-        return {"aoi": "Area of interest", "out dir": "Output folder"}.get(words, words[:1].upper() + words[1:])
+        known = {"aoi": "Area of interest", "out dir": "Output folder", "cluster": "Run on a Ray cluster"}
+        return known.get(words, words[:1].upper() + words[1:])
 
     @property
     def is_layer(self) -> bool:

@@ -175,6 +175,25 @@ def run_tiled(
         below = new_below
 
 
+@dataclass
+class TiledPass:
+    """One streamed prediction pass, opened: what `run_tiled` needs over a height x width grid. A job builds it
+    once and runs it whole, or (backend/distributed) once per cluster actor, over parts of its tile grid."""
+
+    height: int
+    width: int
+    read: ReadFn
+    predict: PredictFn
+    channels: int
+    spec: TileSpec
+    close: Callable[[], None] = lambda: None
+
+    def run(
+        self, sink: SinkFn, on_tile: Callable[[int, int], None] | None = None, part: tuple[range, range] | None = None
+    ) -> None:
+        run_tiled(self.height, self.width, self.read, self.predict, sink, self.channels, self.spec, on_tile, part)
+
+
 def tile_grid(height: int, width: int, spec: TileSpec) -> tuple[int, int]:
     """The number of tile rows and columns over a height x width grid (what `part` indexes)."""
     return len(tile_starts(height, spec.tile, spec.stride)), len(tile_starts(width, spec.tile, spec.stride))

@@ -31,6 +31,7 @@ class GeoTiffWriter:
         descriptions: tuple[str, ...] | None = None,
         overview_resampling: Resampling = Resampling.average,
         block: int = BLOCK,
+        compress: str = "deflate",
     ) -> None:
         self.grid, self.nodata, self.dtype = grid, nodata, np.dtype(dtype)
         self.overview_resampling = overview_resampling
@@ -42,7 +43,7 @@ class GeoTiffWriter:
             "count": count,
             "dtype": self.dtype.name,
             "nodata": nodata,
-            "compress": "deflate",
+            "compress": compress,
             "NUM_THREADS": "ALL_CPUS",  # parallel compression
             "predictor": 3 if is_float else 2,
             "BIGTIFF": "IF_SAFER",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,14 +14,15 @@ import torch
 
 from backend import adapters
 from backend.context import JobContext
-from backend.io.tiling import TileSpec, run_tiled
+from backend.io.tiling import TiledPass, TileSpec
 from backend.jobs.base import JobSpec
 from backend.jobs.checkpoints import loaded_model, training_checkpoint
-from backend.methods.spec import MethodSpec
+from backend.methods.spec import Application, MethodSpec, discover
 from backend.models.backbones.loading import CheckpointMismatch
 from backend.params import (
     ADAPTER,
     BATCH_SIZE,
+    CLUSTER,
     DEVICE,
     OUT_DIR,
     OVERLAP,
@@ -46,7 +48,7 @@ def params(method: MethodSpec) -> tuple[Param, ...]:
         ),
         BATCH_SIZE.but(default=method.apply_batch_size),
     )
-    return in_group_order((adapter, *method.apply_params, OUT_DIR, *tiling, DEVICE))
+    return in_group_order((adapter, *method.apply_params, OUT_DIR, *tiling, DEVICE, CLUSTER))
 
 
 def trained_checkpoints(meta: adapters.AdapterMeta, parts: tuple[str, ...]) -> dict[str, str | None]:
@@ -89,79 +91,153 @@ def load_model(method: MethodSpec, meta: adapters.AdapterMeta, state: dict[str, 
     return model
 
 
-def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
-    started = time.monotonic()
-    ctx.protect_inputs(*input_paths(declared, p))
-    out_dir = ctx.prepare_out_dir(p["out_dir"])
-    device = torch.device(resolve_device(p["device"]))
-    state, meta = adapters.load(p["adapter"])
+def opened_adapter(method: MethodSpec, name: str) -> tuple[dict[str, torch.Tensor], adapters.AdapterMeta]:
+    state, meta = adapters.load(name)
     if meta.method != method.name:
         raise JobError(
             INVALID_INPUT,
             f"The adapter '{meta.name}' was trained for {meta.method}, not for {method.title}.",
             f"Choose a {method.title} adapter.",
         )
+    return state, meta
+
+
+def tile_spec(app: Application, p: dict[str, Any]) -> TileSpec:
+    """The job's tiles: the given size and overlap, else the method's (or the adapter's training patch)."""
+    tile = p["tile_size"] or app.tile
+    overlap = p["overlap"] if p["overlap"] is not None else app.overlap if not p["tile_size"] else None
+    try:
+        return TileSpec(tile, tile // 4 if overlap is None else overlap, p["batch_size"])
+    except ValueError as exc:
+        raise JobError(INVALID_INPUT, str(exc)) from None
+
+
+def tiled_pass(
+    method: MethodSpec,
+    ctx: JobContext,
+    p: dict[str, Any],
+    app: Application,
+    meta: adapters.AdapterMeta,
+    state: dict[str, torch.Tensor],
+) -> TiledPass:
+    """The adapter's model on `app`'s tiles (blended, autocast on CUDA, batch halving on CUDA out-of-memory)."""
+    device = torch.device(resolve_device(p["device"]))
+    model = load_model(method, meta, state, ctx)
+    if app.stage is not None:
+        model.set_stage(app.stage)
+    model.to(device).eval()
+
+    @halve_batch_on_oom
+    @torch.inference_mode()
+    def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = app.predict(model, x)
+        return out.float().cpu().numpy()
+
+    return TiledPass(app.grid.height, app.grid.width, app.read, predict, app.channels, tile_spec(app, p), app.close)
+
+
+def worker_pass(method_name: str, p: dict[str, Any], meta: adapters.AdapterMeta, state: dict) -> TiledPass:
+    """`tiled_pass` in a process of its own (a cluster actor): the method by name, a quiet context."""
+    method = discover()[method_name]
+    ctx = JobContext()
+    app = method.open(ctx, p, meta)
+    try:
+        return tiled_pass(method, ctx, p, app, meta, state)
+    except BaseException:
+        app.close()
+        raise
+
+
+def sink_block(spec: TileSpec) -> int:
+    """The output rasters' block: the tile stride where GeoTIFF allows it (a multiple of 16)."""
+    return spec.stride if spec.stride % 16 == 0 else 256
+
+
+def run(method: MethodSpec, ctx: JobContext, p: dict[str, Any], declared: tuple[Param, ...]) -> JobResult:
+    started = time.monotonic()
+    ctx.protect_inputs(*input_paths(declared, p))
+    out_dir = ctx.prepare_out_dir(p["out_dir"])
+    device = torch.device(resolve_device(p["device"]))
+    state, meta = opened_adapter(method, p["adapter"])
     p = {**p, "out_dir": str(out_dir)}
     app = method.open(ctx, p, meta)
     try:
-        tile = p["tile_size"] or app.tile
-        overlap = p["overlap"] if p["overlap"] is not None else app.overlap if not p["tile_size"] else None
-        try:
-            spec = TileSpec(tile, tile // 4 if overlap is None else overlap, p["batch_size"])
-        except ValueError as exc:
-            raise JobError(INVALID_INPUT, str(exc)) from None
+        spec = tile_spec(app, p)
+        grid = app.grid
         preflight(
             ctx,
-            app.grid.height,
-            app.grid.width,
+            grid.height,
+            grid.width,
             spec.stride,
             out_dir,
             app.output_bytes_per_pixel,
             device.type,
             method.cpu_mp_per_s,
         )
-        model = load_model(method, meta, state, ctx)
-        if app.stage is not None:
-            model.set_stage(app.stage)
-        model.to(device).eval()
-
-        @halve_batch_on_oom
-        @torch.inference_mode()
-        def predict(batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
-            x = torch.from_numpy(batch).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = app.predict(model, x)
-            return out.float().cpu().numpy()
-
-        block = spec.stride if spec.stride % 16 == 0 else 256
-        grid = app.grid
+        tiles = tiled_pass(method, ctx, p, app, meta, state)
         ctx.log(
             f"{method.title} adapter '{meta.name}' on {grid.width} x {grid.height} pixels: tiles of {spec.tile} px "
             f"overlapping by {spec.overlap}, {spec.batch} per pass, on {device}."
         )
-        with app.sink(block) as sink:
-            run_tiled(
-                grid.height,
-                grid.width,
-                app.read,
-                predict,
-                sink.write,
-                app.channels,
-                spec,
-                on_tile=lambda d, t: ctx.progress(app.tiles_share * d / t, app.activity, f"tile {d}/{t}"),
+        with app.sink(sink_block(spec)) as sink:
+            tiles.run(
+                sink.write, on_tile=lambda d, t: ctx.progress(app.tiles_share * d / t, app.activity, f"tile {d}/{t}")
             )
     finally:
         app.close()
     result = sink.finish()
-    seconds = time.monotonic() - started
+    return with_metrics(result, meta, spec, grid.width * grid.height, time.monotonic() - started)
+
+
+def with_metrics(
+    result: JobResult, meta: adapters.AdapterMeta, spec: TileSpec, pixels: int, seconds: float
+) -> JobResult:
     result.metrics = {
         "adapter": meta.name,
         **result.metrics,
         "tile": spec.tile,
         "overlap": spec.overlap,
-        "megapixels_per_second": grid.width * grid.height / 1e6 / max(seconds, 1e-9),
+        "megapixels_per_second": pixels / 1e6 / max(seconds, 1e-9),
     }
     return result
+
+
+def run_on_cluster(method: MethodSpec, declared: tuple[Param, ...], scenes: list, cluster: Any) -> list[JobResult]:
+    """The job on a Ray cluster (backend/distributed/cluster.py): every scene's tiles by parts on the actors, then
+    each scene's outputs written here from its parts, as `run` writes them from its own tiles."""
+    from backend.distributed.cluster import PassRef, read_blocks
+
+    started = time.monotonic()
+    state, meta = opened_adapter(method, scenes[0].params["adapter"])
+    device = cluster.device(scenes[0].params["device"])
+    opened: list[tuple[Application, TileSpec]] = []
+    try:
+        refs = []
+        for scene in scenes:
+            ctx, p = scene.ctx, scene.params
+            ctx.protect_inputs(*input_paths(declared, p))
+            p["out_dir"] = str(ctx.prepare_out_dir(p["out_dir"]))
+            app = method.open(ctx, p, meta)
+            opened.append((app, tile_spec(app, p)))
+            actor = partial(worker_pass, method.name, {**p, "device": device}, meta, state)
+            refs.append(PassRef(actor, app.grid, opened[-1][1], app.channels))
+        vrts = cluster.tiled(refs, device, 0.0, 0.8)
+        results = []
+        for scene, (app, spec), vrt in zip(scenes, opened, vrts, strict=True):
+            block = sink_block(spec)
+            with app.sink(block) as sink:
+                for win, values, valid in read_blocks(vrt, app.grid, block):
+                    sink.write(win, values, valid)
+                    scene.ctx.progress(0.85, "writing outputs", scene.label)
+            result = sink.finish()
+            pixels = app.grid.width * app.grid.height
+            results.append(with_metrics(result, meta, spec, pixels, time.monotonic() - started))
+    finally:
+        for app, _ in opened:
+            app.close()
+    return results
 
 
 def job(method: MethodSpec) -> JobSpec:
@@ -174,4 +250,5 @@ def job(method: MethodSpec) -> JobSpec:
         title=method.apply_title or f"Apply a {method.title} adapter",
         outputs=method.outputs,
         method=method.name,
+        cluster=lambda scenes, cluster: run_on_cluster(method, declared, scenes, cluster),
     )

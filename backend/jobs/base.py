@@ -21,6 +21,8 @@ class JobSpec:
     outputs: tuple[OutputDecl, ...] = ()
     method: str | None = None  # the adapter method the job trains or applies
     stages: dict[str, str] = field(default_factory=dict)  # training stage id -> title for the analyst
+    # How the job runs on a Ray cluster (backend/distributed/cluster.py): (scenes, cluster) -> a result per scene.
+    cluster: Callable[[list[Any], Any], list[JobResult]] | None = None
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -53,7 +55,12 @@ class JobSpec:
 
 
 def run_job(spec: JobSpec, params: dict[str, Any], ctx: JobContext) -> JobResult:
-    """Run a job with outputs committed on success and removed on any failure."""
+    """Run a job with outputs committed on success and removed on any failure; on the Ray cluster that the
+    `cluster` parameter names, where it has one."""
+    if params.get("cluster"):
+        from backend.distributed import cluster  # Ray loads only here
+
+        return cluster.run_job(spec, ctx, [params], params["cluster"])
     try:
         result = spec.run(ctx, params)
         ctx.check_cancelled()

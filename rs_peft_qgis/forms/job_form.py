@@ -131,6 +131,8 @@ class JobForm(QWidget):
             edit.setText(f"{self.job.task}-{time.strftime('%Y%m%d-%H%M')}")
         elif p.default is not None:
             edit.setText(str(p.default))
+        elif p.name == "cluster":  # the Ray address (docs/SCALING.md)
+            edit.setPlaceholderText("this computer (or: local, auto, head:6379)")
         else:
             edit.setPlaceholderText("default")
         return edit
