@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "args",
         nargs=argparse.REMAINDER,
         help="--address local|auto|HOST:PORT|ray://HOST:10001 (required), --workers N (actors; default: a GPU "
-        "each, or one per 4 CPUs), --block-size PX (a part's side, default 4096), then the job's own options "
+        "each, or one per 4 CPUs), --block-size PX (a part's side, default 8192), then the job's own options "
         "(python -m backend cluster JOB -h)",
     )
     for name, job in declared.jobs().items():
@@ -120,7 +120,7 @@ def cluster_scenes(args: argparse.Namespace) -> tuple[argparse.Namespace, list[d
     parser = argparse.ArgumentParser(prog=f"python -m backend cluster {args.job}", description=job["summary"])
     parser.add_argument("--address", required=True, help="local (start a cluster here), auto, or the head's address")
     parser.add_argument("--workers", type=int, default=0, help="actors (default: a GPU each, or one per 4 CPUs)")
-    parser.add_argument("--block-size", type=int, default=4096, help="pixels a side of a part (default: 4096)")
+    parser.add_argument("--block-size", type=int, default=0, help="pixels a side of a part (default: 8192)")
     add_job_arguments(parser, job, scenes=True)
     for flag in ("--json", "--quiet", "--debug"):
         parser.add_argument(flag, action="store_true")
@@ -139,7 +139,7 @@ def cluster_scenes(args: argparse.Namespace) -> tuple[argparse.Namespace, list[d
         except ValueError as exc:
             print(f"Error: {exc}", file=sys.stderr)
             return None
-    if opts.workers < 0 or opts.block_size < 16:
+    if opts.workers < 0 or (opts.block_size and opts.block_size < 16):
         print("Error: --workers must be 0 (automatic) or more, and --block-size at least 16.", file=sys.stderr)
         return None
     for flag in ("json", "quiet", "debug", "address", "workers", "block_size"):

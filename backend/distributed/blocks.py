@@ -10,6 +10,7 @@ where the pixels are valid; a VRT lays the parts side by side on the whole grid 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -65,18 +66,24 @@ class Part:
 
 
 def partition(scene: int, height: int, width: int, spec: TileSpec, block: int) -> list[Part]:
-    """Parts of about `block` pixels a side, in whole tiles; the last row and column of parts take the rest."""
+    """Parts of about `block` pixels a side, in whole tiles, of even sizes (no sliver of a part at the edge: each
+    part but the first row and column also computes the tile row above and the tile column left of it)."""
     rows, cols = tile_grid(height, width, spec)
-    n = max(1, round(block / spec.stride))
+    per_part = max(1.0, block / spec.stride)
+    row_cuts, col_cuts = _cuts(rows, per_part), _cuts(cols, per_part)
     parts = []
-    for r0 in range(0, rows, n):
-        r1 = min(r0 + n, rows)
+    for r0, r1 in itertools.pairwise(row_cuts):
         y0, y1 = r0 * spec.stride, height if r1 == rows else r1 * spec.stride
-        for c0 in range(0, cols, n):
-            c1 = min(c0 + n, cols)
+        for c0, c1 in itertools.pairwise(col_cuts):
             x0, x1 = c0 * spec.stride, width if c1 == cols else c1 * spec.stride
             parts.append(Part(scene, r0, r1, c0, c1, x0, y0, x1 - x0, y1 - y0))
     return parts
+
+
+def _cuts(n: int, per_part: float) -> list[int]:
+    """0 = c0 < c1 < … = n: round(n / per_part) groups (at least one) of as even sizes as can be."""
+    groups = max(1, min(n, round(n / per_part)))
+    return [round(i * n / groups) for i in range(groups + 1)]
 
 
 def write_part(tiles: TiledPass, part: Part, grid: Grid, path: Path) -> None:

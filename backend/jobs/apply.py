@@ -221,7 +221,7 @@ def run_on_cluster(method: MethodSpec, declared: tuple[Param, ...], scenes: list
             p["out_dir"] = str(ctx.prepare_out_dir(p["out_dir"]))
             app = method.open(ctx, p, meta)
             opened.append((app, tile_spec(app, p)))
-            actor = partial(worker_pass, method.name, {**p, "device": device}, meta, state)
+            actor = partial(worker_pass, method.name, {**p, "device": device, "scene": app.scene}, meta, state)
             refs.append(PassRef(actor, app.grid, opened[-1][1], app.channels))
         vrts = cluster.tiled(refs, device, 0.0, 0.8)
         results = []

@@ -74,6 +74,9 @@ class Application:
     close: Callable[[], None] = lambda: None
     overlap: int | None = None  # with `tile`, when the job gives neither (None: a quarter of the tile)
     output_bytes_per_pixel: float = 5.0  # uncompressed, all outputs (default: float32 probability + uint8 mask)
+    # Scene-wide values `open` computed (SpectralX's normalization): a cluster run computes them once, on its driver,
+    # and its actors' `open` takes them back from p["scene"] instead of reading the whole scene again.
+    scene: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

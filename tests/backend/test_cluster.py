@@ -28,6 +28,7 @@ from rasterio.windows import Window
 from test_pansharpen_jobs import MS, PAN
 from test_raster_io import reproject_file
 
+from backend.client import WorkerClient
 from backend.distributed.blocks import partition, write_vrt
 from backend.distributed.cluster import PartWorker, PassRef
 from backend.io.raster import Grid
@@ -253,7 +254,7 @@ def test_filf_on_the_cluster_equals_the_single_machine_run(head: str, filf_adapt
     )  # fmt: skip
     assert_same_outputs(single, clustered)
     assert clustered["metrics"]["changed_pixels"] == single["metrics"]["changed_pixels"]
-    assert clustered["metrics"]["parts_computed"] == 9
+    assert clustered["metrics"]["parts_computed"] == 4  # 5 x 5 tiles in 2 x 2 parts
 
 
 def test_killing_an_actor_mid_run_still_gives_the_complete_result(head: str, filf_adapter: str, tmp_path: Path) -> None:
@@ -354,3 +355,29 @@ def test_bad_cluster_input_is_a_plain_error_and_writes_nothing(tmp_path: Path) -
     assert proc.returncode == 2 and "as many each" in proc.stderr
     proc = cli("cluster", "change.finetune", "--address", "local")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_the_worker_runs_a_job_on_the_cluster_with_progress(head: str, worker_env: None, tmp_path: Path) -> None:
+    """What QGIS does with "Run on a Ray cluster": the job's `cluster` parameter, through the real worker; Ray's own
+    prints must not reach the protocol's stdout, and the progress says how far the parts are."""
+    before, after, ref = levir("test_1")
+    client = WorkerClient(sys.executable, ROOT)
+    client.start()
+    try:
+        params = {"before": str(before), "after": str(after), "reference": str(ref), "out_dir": str(tmp_path)}
+        handle = client.run_job("change.cva", {**params, "cluster": head, "tile_size": 256})
+        assert handle.succeeded, handle.outcome
+        parts = [p["message"] for p in handle.progress if p["stage"] == "cluster"]
+        assert parts and all("MP/s" in m for m in parts)
+        assert handle.outcome["metrics"]["parts_computed"] == 1  # one part of the default 8192 px
+        assert 0 <= handle.outcome["metrics"]["f1"] <= 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cva_change_mask.tif", "cva_change_probability.tif",
+                                                             "cva_changes.gpkg"]  # fmt: skip
+        assert client.alive and client.request("initialize")["backend_version"]
+    finally:
+        client.shutdown()
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as env(): the worker joins the module's head by address

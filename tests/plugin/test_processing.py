@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BACKEND_PYTHON, ROOT, levir
+from osgeo import gdal
 from qgis.core import (
     Qgis,
     QgsApplication,
@@ -202,6 +203,30 @@ def test_processing_run_change_cva_writes_georeferenced_outputs(cva_result) -> N
     # Progress and stage text reached the feedback from the worker.
     assert max(feedback.progress_values) >= 90 and feedback.texts
     del before, raster, polygons
+
+
+def test_run_on_a_ray_cluster_gives_the_same_layers_as_cogs(cva_result, tmp_path) -> None:
+    """The advanced "Run on a Ray cluster" setting (local: a cluster started on this machine for the run): the
+    worker runs the job's parts on Ray; the layers are the same as on this machine, written as COGs."""
+    here, _, _ = cva_result
+    feedback = RecordingFeedback()
+    params = {"before": str(BEFORE), "after": str(AFTER), "out_dir": str(tmp_path / "out"), "cluster": "local"}
+    results = run("change_cva", params, feedback)
+    assert any("part" in t and "MP/s" in t for t in feedback.texts), feedback.texts
+    for key in ("probability", "mask"):
+        mine, theirs = QgsRasterLayer(results[key], key, "gdal"), QgsRasterLayer(here[key], key, "gdal")
+        assert mine.isValid() and mine.extent() == theirs.extent() and mine.crs() == theirs.crs()
+        assert "LAYOUT=COG" in gdal.Info(results[key])
+        stats = [layer.dataProvider().bandStatistics(1) for layer in (mine, theirs)]
+        assert (stats[0].sum, stats[0].minimumValue, stats[0].maximumValue) == (
+            stats[1].sum,
+            stats[1].minimumValue,
+            stats[1].maximumValue,
+        ), key
+    polygons = [QgsVectorLayer(r["polygons"], "p", "ogr").featureCount() for r in (results, here)]
+    assert polygons[0] == polygons[1] > 0
+    metrics = json.loads(results[METRICS])
+    assert metrics["parts_computed"] == 1 and metrics["polygons"] == polygons[0]
 
 
 def test_change_evaluate_scores_the_mask_against_the_label(cva_result) -> None:

@@ -285,7 +285,7 @@ def prepare_finetune(ctx: JobContext, p: dict[str, Any]) -> Training:
             "back for validation; a share of each class's labelled pixels is held back instead, so validation "
             "scores are optimistic (the training patches show those pixels, unlabelled)."
         )
-    norm = scene_normalization(p["image"], setup.bands, matrix)
+    norm = p.get("scene", {}).get("normalization") or scene_normalization(p["image"], setup.bands, matrix)
     x = area.images[0]
     image = fill_invalid(apply_matrix(x, matrix), valid_pixels(x, nodata), norm["mean"])
     train_area = TrainingArea((image,), area.label, area.grid)
@@ -329,7 +329,7 @@ def open_map(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applicati
         )
         setup = BandSetup(chosen, model_wl, "the adapter's")
     matrix = to_model(setup.wavelengths, model_wl, ctx.warn)
-    norm = scene_normalization(p["image"], setup.bands, matrix)
+    norm = p.get("scene", {}).get("normalization") or scene_normalization(p["image"], setup.bands, matrix)
     with RasterSource(p["image"], setup.bands, what="image") as probe:
         grid = probe.native
     aoi = None
@@ -365,6 +365,7 @@ def open_map(ctx: JobContext, p: dict[str, Any], meta: AdapterMeta) -> Applicati
         close=src.close,
         overlap=size // 4,
         output_bytes_per_pixel=5.0,
+        scene={"normalization": norm},
     )
 
 
