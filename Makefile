@@ -157,6 +157,7 @@ bench-unet: $(VBU)/.ok
 bench: setup $(VB)/.bench-ok
 	$(VB)/bin/python -m bench.raster_memory
 	$(VB)/bin/python -m bench.pansharpen
+	$(VB)/bin/python -m bench.cluster
 
 package:
 	rm -rf build/package dist && mkdir -p build/package/rs_peft_qgis dist

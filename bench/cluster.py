@@ -1,15 +1,17 @@
 """Cluster apply (`python -m backend cluster`) against the single-machine job on the same input.
 
 Measures, on a local Ray cluster (`ray start --head` on this machine, joined by address as a real cluster is):
-throughput with 1 and 2 actors (the scaling ratio), the cluster path's overhead against the single-machine job
-(wall clock of the whole command; the time to start Ray is measured apart with `--address local`), and the peak
-memory of each actor and of the driver as the mosaic grows (it should stay flat).
+throughput with 1 and 2 actors (`--workers`; the scaling ratio), the cluster path's overhead against the
+single-machine job (wall clock of the whole command; the time to start Ray is measured apart with
+`--address local`), and the peak memory of each actor and of the driver as the mosaic grows (it should stay flat).
 
 Input: a VRT mosaic of the real LEVIR-CD `test_1` pair (1024 x 1024) repeated n x n times (2048², 8192² …), so the
 imagery is real at any size. Jobs: `change.detect` with a small FILF adapter (TinyViT encoder with random frozen
 weights, fine-tuned here for a few steps: the speed is the model's, not its accuracy), and `change.cva`.
 
-    python -m bench.cluster [--sizes 2048 8192] [--jobs detect cva] [--block-size 4096]
+    python -m bench.cluster [--sizes 2048 8192] [--jobs detect cva] [--block-size 4096] [--workers 1 2] [--address A]
+
+On a real cluster: `--address head:6379` runs against it instead of a head started here (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192], help="mosaic sides (multiples of 1024)")
     parser.add_argument("--jobs", nargs="+", default=["detect", "cva"], choices=["detect", "cva"])
     parser.add_argument("--block-size", type=int, default=4096, help="pixels a side of a part")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="actor counts to compare")
+    parser.add_argument("--address", help="a running cluster's head (default: start one on this machine)")
     args = parser.parse_args()
     load = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -147,7 +151,7 @@ def main() -> None:
     train = ["change.finetune", "--before", str(before), "--after", str(after), "--labels", str(label)]
     subprocess.run([sys.executable, "-m", "backend", *train, "--adapter-name", "bench", *FILF_FAST, "--quiet"],
                    cwd=ROOT, env=env, check=True, capture_output=True)  # fmt: skip
-    head = start_head(work / "ray", env)
+    head = args.address or start_head(work / "ray", env)
     rows = []
     try:
         for size in args.sizes:
@@ -160,21 +164,27 @@ def main() -> None:
                 name, extra = ("change.detect", ["--adapter", "bench"]) if job == "detect" else ("change.cva", [])
                 row = {"job": name, "size": size, "megapixels": size * size / 1e6}
                 row["single"] = timed([name, *pair, *extra, "--out-dir", str(work / f"s_{job}_{size}")], env)
-                for workers in (1, 2):
+                for workers in args.workers:
                     cmd = ["cluster", name, "--address", head, "--workers", str(workers)]
                     cmd += ["--block-size", str(args.block_size), *pair, *extra]
                     row[f"cluster_{workers}"] = timed([*cmd, "--out-dir", str(work / f"c{workers}_{job}_{size}")], env)
                 if size == args.sizes[-1]:  # Ray's own start, once: a cluster started for the run
                     cmd = ["cluster", name, "--address", "local", "--block-size", str(args.block_size), *pair, *extra]
                     row["cluster_local"] = timed([*cmd, "--out-dir", str(work / f"l_{job}_{size}")], env)
-                one, two, single = row["cluster_1"]["wall_s"], row["cluster_2"]["wall_s"], row["single"]["wall_s"]
-                row["scaling_2_over_1"] = round(one / two, 3)
+                lo, hi = args.workers[0], args.workers[-1]
+                one, many, single = (
+                    row[f"cluster_{lo}"]["wall_s"],
+                    row[f"cluster_{hi}"]["wall_s"],
+                    row["single"]["wall_s"],
+                )
+                row[f"scaling_{hi}_over_{lo}"] = round(one / many, 3)
                 row["tiles_computed_over_grid"] = round(halo_ratio(size, args.block_size), 3)
                 row["overhead_vs_single"] = round(one / single - 1, 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, env=env, timeout=300)
+        if not args.address:  # the head started here
+            subprocess.run([str(RAY), "stop", "--force"], capture_output=True, env=env, timeout=300)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "cluster.json"
     out.write_text(json.dumps({"machine": machine_record("cpu", load), "block_size": args.block_size, "rows": rows}))
