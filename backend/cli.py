@@ -209,7 +209,7 @@ def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0, scenes: list
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     stdout = sys.stdout
-    if scenes is not None:  # Ray prints its notes (a worker died …) on stdout, which is the result's, so: stderr
+    if scenes is not None or params.get("cluster"):  # Ray prints notes (a worker died …) on stdout: to stderr
         sys.stdout = sys.stderr
     thread = threading.Thread(target=target, name="job", daemon=True)
     thread.start()

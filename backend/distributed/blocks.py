@@ -46,7 +46,7 @@ class Part:
 
     @property
     def id(self) -> str:
-        return f"s{self.scene}_r{self.row0}_c{self.col0}"
+        return f"s{self.scene}_r{self.row0}-{self.row1}_c{self.col0}-{self.col1}"
 
     @property
     def tiles(self) -> tuple[range, range]:
@@ -92,9 +92,10 @@ def write_part(tiles: TiledPass, part: Part, grid: Grid, path: Path) -> None:
     offset_x, offset_y = part.x, part.y
 
     try:
-        # ZSTD: the files are temporary, so speed matters more than size.
+        # ZSTD and no overviews: the files are temporary, so speed matters more than size.
+        part_grid = grid.window_grid(part.window)
         with GeoTiffWriter(
-            writing, grid.window_grid(part.window), tiles.channels + 1, "float32", None, block=256, compress="zstd"
+            writing, part_grid, tiles.channels + 1, "float32", None, block=256, compress="zstd", overviews=False
         ) as out:
 
             def sink(win: Window, values: np.ndarray, valid: np.ndarray) -> None:

@@ -38,12 +38,14 @@ from backend.io.raster import Grid
 from backend.io.tiling import TiledPass, TileSpec, block_windows
 from backend.io.writer import OVERVIEW_MIN_SIZE
 from backend.params import LAYER_KINDS
-from backend.protocol import INTERNAL, INVALID_INPUT, JobError, JobResult
+from backend.protocol import INTERNAL, INVALID_INPUT, MISSING_WEIGHTS, JobError, JobResult
 
 # Pixels a side of a part, by default. A part also computes the tile row above and the tile column left of it (for
 # bit-exact blending), about 2 / (block / stride) more work: +11 % at FILF's stride of 448 px. Seconds of work per
 # part on a GPU, a few minutes on CPUs; the manifest records parts, so a rerun loses at most the parts in flight.
 BLOCK = 8192
+# Options that change only what the driver writes from the parts, not the parts.
+FINAL_ONLY = {"batch_size", "name", "threshold", "simplify", "min_area_m2", "reference", "out_dir", "cluster"}
 ATTEMPTS = 3  # of a part inside its actor before it is reported as failed (a dead actor is Ray's to retry)
 THREADS_PER_CPU_ACTOR = 4
 
@@ -92,11 +94,11 @@ class PartWorker:
             self.opened = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"name": [], "seconds": [], "error": []}
+        out: dict[str, list[Any]] = {"name": [], "seconds": [], "error": [], "code": []}
         for item in batch["item"]:
             job = json.loads(str(item))
             part, i = Part(**job["part"]), job["pass"]
-            started, error = time.monotonic(), ""
+            started, error, code = time.monotonic(), "", ""
             for _ in range(ATTEMPTS):
                 try:
                     write_part(self._pass(i), part, self.passes[i].grid, Path(job["file"]))
@@ -104,11 +106,14 @@ class PartWorker:
                     break
                 except Exception as exc:  # reported with the part's window once the attempts are spent
                     err = to_job_error(exc)
-                    error = err.message
+                    error, code = err.message, err.code
                     self._close()
+                    if code in (INVALID_INPUT, MISSING_WEIGHTS):  # the same next time (a path this node lacks …)
+                        break
             out["name"].append(job["name"])
             out["seconds"].append(time.monotonic() - started)
             out["error"].append(error)
+            out["code"].append(code)
         return out
 
 
@@ -118,17 +123,25 @@ class Cluster:
     def __init__(self, ctx: JobContext, address: str, state: Path, key: str, workers: int, block: int) -> None:
         self.ctx, self.address, self.block = ctx, address, block
         _connect(address)  # first: a wrong address leaves nothing in the output folder
-        self.manifest = Manifest(state, key)
-        if self.manifest.stale:
-            ctx.warn("An unfinished cluster run with other inputs or settings was in the output folder: starting over.")
-        self.computed = self.reused = 0
-        self.failed: list[str] = []
-        self.parts: list[tuple[int, Part]] = []
         import ray
 
-        resources = ray.cluster_resources()
-        self.cpus, self.gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-        self.workers = workers
+        try:
+            self.manifest = Manifest(state, key)
+            if self.manifest.stale:
+                ctx.warn(
+                    "An unfinished cluster run with other inputs or settings was in the output folder: starting over."
+                )
+            self.computed = self.reused = 0
+            self.failed: list[str] = []
+            self.parts: list[tuple[int, Part]] = []
+            resources = ray.cluster_resources()
+            self.cpus, self.gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+            # An actor lives on one node: it can ask for no more CPUs than the largest node has.
+            self.node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
+            self.workers = workers
+        except BaseException:
+            ray.shutdown()  # the next job of this process must be able to connect again
+            raise
 
     def device(self, wanted: str) -> str:
         """The device the actors run on: a GPU each where the cluster has GPUs (auto or cuda), else the CPU."""
@@ -167,7 +180,7 @@ class Cluster:
         gpu = device == "cuda"
         actors = self.workers or (self.gpus if gpu else max(1, self.cpus // THREADS_PER_CPU_ACTOR))
         actors = max(1, min(actors, len(pending)))
-        cpus = 1 if gpu else max(1, self.cpus // actors)
+        cpus = 1 if gpu else max(1, min(self.cpus // actors, self.node_cpus))
         items = [
             {
                 "item": json.dumps(
@@ -194,6 +207,8 @@ class Cluster:
         try:
             for row in _rows(ds, self.ctx):
                 part = by_name[row["name"]]
+                if row["error"] and row["code"] in (INVALID_INPUT, MISSING_WEIGHTS):  # every part would say it
+                    raise JobError(row["code"], f"On the cluster ({part.describe()}): {row['error']}")
                 if row["error"]:
                     self.failed.append(f"{part.describe()}: {row['error']}")
                     continue
@@ -252,9 +267,11 @@ class Cluster:
     def close(self, succeeded: bool) -> None:
         import ray
 
+        ray.shutdown()  # first: actors still running would write into the state folder
         if succeeded or not self.manifest.done:  # what a rerun would reuse is kept, nothing else
             self.manifest.remove()
-        ray.shutdown()
+        elif self.ctx.cancel_event.is_set():
+            self.ctx.warn(f"{len(self.manifest.done)} finished parts are kept in {self.manifest.folder} for a rerun.")
 
 
 def _connect(address: str) -> None:
@@ -276,14 +293,26 @@ def _connect(address: str) -> None:
     try:
         with _stderr_to_devnull():
             import ray
-
+    except ImportError:
+        raise JobError(
+            INVALID_INPUT,
+            "Running on a Ray cluster needs Ray, which is not installed in the backend's Python environment.",
+            f"Install it there: {sys.executable} -m pip install 'ray[data]==2.60.0' (requirements/ray.txt).",
+        ) from None
+    if ray.is_initialized():  # one Ray connection per process (the worker runs one job at a time on it)
+        raise JobError(
+            INVALID_INPUT,
+            "Another job of this backend is running on a Ray cluster.",
+            "Wait for it to finish, or start this job from a terminal (python -m backend cluster …).",
+        )
+    try:
+        with _stderr_to_devnull():
             ray.init(
                 address=address,
                 runtime_env=runtime_env,
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level=logging.ERROR,
-                **({"object_store_memory": 256 * 2**20} if address == "local" else {}),
             )
     except Exception as exc:  # ConnectionError, ValueError for a malformed address, RuntimeError …
         raise JobError(
@@ -386,16 +415,19 @@ def as_cog(ctx: JobContext, result: JobResult) -> None:
         with rasterio.open(tmp) as ds:
             big = max(ds.width, ds.height) >= OVERVIEW_MIN_SIZE
             predictor = 3 if np.issubdtype(np.dtype(ds.dtypes[0]), np.floating) else 2
-        rasterio.shutil.copy(
-            tmp,
-            cog,
-            driver="COG",
-            COMPRESS="DEFLATE",
-            PREDICTOR=predictor,
-            OVERVIEWS="FORCE_USE_EXISTING" if big else "NONE",
-            NUM_THREADS="ALL_CPUS",
-        )
-        os.replace(cog, tmp)
+        try:
+            rasterio.shutil.copy(
+                tmp,
+                cog,
+                driver="COG",
+                COMPRESS="DEFLATE",
+                PREDICTOR=predictor,
+                OVERVIEWS="FORCE_USE_EXISTING" if big else "NONE",
+                NUM_THREADS="ALL_CPUS",
+            )
+            os.replace(cog, tmp)
+        finally:
+            cog.unlink(missing_ok=True)
 
 
 def scene_labels(paths: Sequence[str]) -> list[str]:
@@ -405,6 +437,33 @@ def scene_labels(paths: Sequence[str]) -> list[str]:
         label = re.sub(r"[^\w.-]+", "_", Path(path).stem).strip("._") or "scene"
         labels.append(label if label not in labels else f"{label}_{len(labels) + 1}")
     return labels
+
+
+def _prepare(
+    job: Any, ctx: JobContext, scenes: list[dict[str, Any]], root: Path, address: str, workers: int, block: int
+) -> tuple[list[Scene], Cluster]:
+    """The scenes' contexts and parameters, and the connection to the cluster with the run's manifest."""
+    path_params = [p.name for p in job.params if p.kind in LAYER_KINDS]
+    # Actors run elsewhere (another folder, another node): input paths are made absolute here.
+    scenes = [{k: os.path.abspath(v) if k in path_params and v else v for k, v in s.items()} for s in scenes]
+    if len(scenes) > 1:
+        first = next(n for n in path_params if scenes[0].get(n))
+        labels = scene_labels([s[first] for s in scenes])
+    else:
+        labels = [""]
+    runs = []
+    for params, label in zip(scenes, labels, strict=True):
+        child = JobContext(on_progress=ctx.on_progress, on_log=ctx.on_log, cancel_event=ctx.cancel_event)
+        child.warnings = ctx.warnings
+        out = root / label if label else root
+        runs.append(Scene(child, {**params, "out_dir": str(out), "cluster": None}, label))
+    adapter_files = [str(adapters.weights_file(s[p.name])) for s in scenes for p in job.params if p.kind == "adapter"]
+    # What the parts depend on: not the options that only the final outputs use (a smaller batch after running out
+    # of memory keeps the parts done; they differ from a run with the other batch only by float rounding).
+    parts_params = [{k: v for k, v in s.params.items() if k not in FINAL_ONLY} for s in runs]
+    extra = [[(f, os.stat(f).st_mtime_ns) for f in adapter_files], block or BLOCK]
+    key = fingerprint(job.name, parts_params, path_params, extra)
+    return runs, Cluster(ctx, address, root / f".cluster-{job.name}", key, workers, block or BLOCK)
 
 
 def run_job(
@@ -431,26 +490,8 @@ def run(
         raise JobError(INVALID_INPUT, f"The job {job.name} does not run on a cluster.", "Run it on this machine.")
     started = time.monotonic()
     root = ctx.prepare_out_dir(scenes[0]["out_dir"])
-    path_params = [p.name for p in job.params if p.kind in LAYER_KINDS]
-    # Actors run elsewhere (another folder, another node): input paths are made absolute here.
-    scenes = [{k: os.path.abspath(v) if k in path_params and v else v for k, v in s.items()} for s in scenes]
-    if len(scenes) > 1:
-        first = next(n for n in path_params if scenes[0].get(n))
-        labels = scene_labels([s[first] for s in scenes])
-    else:
-        labels = [""]
-    runs = []
-    for params, label in zip(scenes, labels, strict=True):
-        child = JobContext(on_progress=ctx.on_progress, on_log=ctx.on_log, cancel_event=ctx.cancel_event)
-        child.warnings = ctx.warnings
-        out = root / label if label else root
-        runs.append(Scene(child, {**params, "out_dir": str(out), "cluster": None}, label))
-    adapter_files = [str(adapters.weights_file(s[p.name])) for s in scenes for p in job.params if p.kind == "adapter"]
-    key = fingerprint(
-        job.name, [s.params for s in runs], [*path_params], [(f, os.stat(f).st_mtime_ns) for f in adapter_files]
-    )
     try:
-        cluster = Cluster(ctx, address, root / f".cluster-{job.name}", key, workers, block or BLOCK)
+        runs, cluster = _prepare(job, ctx, scenes, root, address, workers, block)
     except BaseException:
         ctx.discard_outputs()  # the output folder, where this run created it
         raise

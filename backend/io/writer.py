@@ -32,9 +32,10 @@ class GeoTiffWriter:
         overview_resampling: Resampling = Resampling.average,
         block: int = BLOCK,
         compress: str = "deflate",
+        overviews: bool = True,
     ) -> None:
         self.grid, self.nodata, self.dtype = grid, nodata, np.dtype(dtype)
-        self.overview_resampling = overview_resampling
+        self.overview_resampling, self.overviews = overview_resampling, overviews
         is_float = np.issubdtype(self.dtype, np.floating)
         profile = {
             "driver": "GTiff",
@@ -73,7 +74,7 @@ class GeoTiffWriter:
     def close(self) -> None:
         if self.ds.closed:
             return
-        if max(self.grid.width, self.grid.height) >= OVERVIEW_MIN_SIZE:
+        if self.overviews and max(self.grid.width, self.grid.height) >= OVERVIEW_MIN_SIZE:
             factors = [f for f in (2, 4, 8, 16, 32) if max(self.grid.width, self.grid.height) // f >= BLOCK]
             self.ds.build_overviews(factors, self.overview_resampling)
         self.ds.close()

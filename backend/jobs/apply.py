@@ -231,13 +231,16 @@ def run_on_cluster(method: MethodSpec, declared: tuple[Param, ...], scenes: list
                 for win, values, valid in read_blocks(vrt, app.grid, block):
                     sink.write(win, values, valid)
                     scene.ctx.progress(0.85, "writing outputs", scene.label)
-            result = sink.finish()
-            pixels = app.grid.width * app.grid.height
-            results.append(with_metrics(result, meta, spec, pixels, time.monotonic() - started))
+            results.append(sink.finish())
     finally:
         for app, _ in opened:
             app.close()
-    return results
+    # The run's throughput (all scenes over the whole run, start and final passes included).
+    pixels = sum(app.grid.width * app.grid.height for app, _ in opened)
+    return [
+        with_metrics(result, meta, spec, pixels, time.monotonic() - started)
+        for result, (_, spec) in zip(results, opened, strict=True)
+    ]
 
 
 def job(method: MethodSpec) -> JobSpec:

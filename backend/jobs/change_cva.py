@@ -147,9 +147,10 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
                 hi = max((_finite_max(m, v) for _, m, v in magnitudes()), default=0.0)
                 edges = _edges(hi)
                 hist = np.zeros(HIST_BINS, dtype=np.int64)
-                for _, m, v in magnitudes():
+                total = len(list(block_windows(grid.width, grid.height, spec.stride)))
+                for i, (_, m, v) in enumerate(magnitudes()):
                     hist += _counts(m, v, edges)
-                ctx.progress(0.75, "threshold")
+                    ctx.progress(0.70 + 0.05 * (i + 1) / total, "threshold")
                 threshold = otsu_threshold(hist, edges)
             return _write_outputs(ctx, p, out_dir, grid, magnitudes(), float(threshold), spec.stride)
 
@@ -247,16 +248,20 @@ def _actor_pass(p: dict[str, Any], mean: np.ndarray, std: np.ndarray) -> TiledPa
     return _magnitude_pass(p, grid, spec, _Pair(p, grid, aoi), mean, std)
 
 
-def _part_max(path: str) -> float:
+def _part_blocks(path: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(magnitude, valid) of a part file, block by block (a part may be large)."""
     with rasterio.open(path) as ds:
-        m, v = ds.read()
-    return _finite_max(m, v > 0.5)
+        for win in block_windows(ds.width, ds.height, STATS_BLOCK):
+            m, v = ds.read(window=win)
+            yield m, v > 0.5
+
+
+def _part_max(path: str) -> float:
+    return max((_finite_max(m, v) for m, v in _part_blocks(path)), default=0.0)
 
 
 def _part_counts(job: tuple[str, np.ndarray]) -> np.ndarray:
-    with rasterio.open(job[0]) as ds:
-        m, v = ds.read()
-    return _counts(m, v > 0.5, job[1])
+    return np.sum([_counts(m, v, job[1]) for m, v in _part_blocks(job[0])], axis=0, dtype=np.int64)
 
 
 def run_on_cluster(scenes: list, cluster: Any) -> list[JobResult]:

@@ -128,6 +128,7 @@ def test_processing_offers_the_new_jobs_with_their_parameters_and_outputs(toy_ca
             "device": "string",  # editable choices are free text
             "name": "string",
             "out_dir": "folderDestination",
+            "cluster": "string",  # every apply job, a new method's too, can run on a Ray cluster
         }
         tile = apply.parameterDefinition("tile_size")
         assert (tile.minimum(), tile.maximum()) == (32, 16384)
