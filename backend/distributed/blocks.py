@@ -2,8 +2,9 @@
 manifest that lets a rerun skip the parts already done.
 
 A part is a rectangle of whole tiles of the job's own tiling (`tiling.tile_grid`); `TiledPass.run(part=…)` gives
-its blocks bit for bit as a run over the whole grid does, so the parts put together are the single-machine
-prediction. Each part's prediction is written as a GeoTIFF of the predicted channels plus a last band that is 1
+its blocks bit for bit as a run over the whole grid does (given the same tile predictions: a model's differ by
+float rounding when its tiles are batched otherwise), so the parts put together are the single-machine prediction.
+Each part's prediction is written as a GeoTIFF of the predicted channels plus a last band that is 1
 where the pixels are valid; a VRT lays the parts side by side on the whole grid for the job's own outputs.
 """
 
