@@ -430,10 +430,12 @@ def run_job_here_or_on_processes(args: argparse.Namespace, argv: list[str]) -> i
         return report_error(exc, args.debug)
     if torchrun.launched():
         torchrun.start(device)
+        code = 1
         try:
-            return run_cli_job(args.command, args, torchrun.rank())
+            code = run_cli_job(args.command, args, torchrun.rank())
+            return code
         finally:
-            torchrun.stop()
+            torchrun.stop(succeeded=code == 0)
     from backend.training.ddp import batch_problem
 
     batch = batch_problem(params["batch_size"], nproc)

@@ -39,11 +39,18 @@ def start(device: str) -> None:
         dist.init_process_group("gloo", timeout=timeout)
 
 
-def stop() -> None:
+def stop(succeeded: bool) -> None:
+    """Leave the process group. After a run that succeeded on this process, first wait for the others: a process
+    that tears gloo down while a peer still talks to it can abort the peer ("terminate called without an active
+    exception", seen on a loaded machine). After a failure, no wait: the others may never come, and torchrun
+    stops them."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def device_problem(device: str, nproc: int) -> str | None:

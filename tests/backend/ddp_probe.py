@@ -73,7 +73,7 @@ def main() -> None:
     if torchrun.rank() == 0:
         weights = {k: v.flatten().tolist() for k, v in model.adapter_state_dict().items()}
         print(json.dumps({"losses": [h["loss"] for h in result.history], "weights": weights, "batches": seen}))
-    torchrun.stop()
+    torchrun.stop(succeeded=True)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def head(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, env=env(), timeout=180)
+        # The next tests get the machine to themselves: wait until Ray's processes are gone.
+        wait_for(lambda: not pids_with(b"raylet") and not pids_with(b"gcs_server") and not actor_pids(), 120)
 
 
 def mosaic(tiles: list[Path], path: Path) -> Path:
@@ -277,16 +279,21 @@ def test_killing_an_actor_mid_run_still_gives_the_complete_result(head: str, fil
     assert clustered["metrics"]["parts_computed"] == 25
 
 
-def actor_pids() -> list[int]:
-    """The processes of the run's actors (Ray names them after the actor class)."""
+def pids_with(word: bytes) -> list[int]:
+    """The processes whose command line holds `word`."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"PartWorker" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and word in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
         except OSError:
             continue  # ended meanwhile
     return pids
+
+
+def actor_pids() -> list[int]:
+    """The processes of the run's actors (Ray names them after the actor class)."""
+    return pids_with(b"PartWorker")
 
 
 def wait_for(predicate, timeout: float = 300) -> None:

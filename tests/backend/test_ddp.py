@@ -22,7 +22,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def probe(*command: str) -> dict:
-    out = subprocess.run([*command, str(PROBE), "8"], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([*command, str(PROBE), "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
 
 
