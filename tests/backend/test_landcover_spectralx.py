@@ -7,15 +7,20 @@ downloaded here); the same code runs the ViT-L when `models fetch scalemae_vit_l
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import fiona
 import numpy as np
 import pytest
 import rasterio
-from conftest import DATA
+from conftest import DATA, ROOT
 from rasterio.features import shapes
 from rasterio.warp import transform_geom
+from test_cluster import assert_same_outputs
 
 from backend import adapters
 from backend.context import JobContext
@@ -86,6 +91,20 @@ def test_adapt_then_finetune_keeps_the_wavelengths_classes_and_stage(trained: ob
     assert meta.config["stage"] == "segment" and meta.config["init_adapter"] == "s2-stage1"
     assert meta.classes == ["unlabelled", *sorted(NAMES)] and meta.config["num_classes"] == 5
     assert meta.config["wavelengths"] == pytest.approx(SENSORS["sentinel2_6"][1], abs=0.01)
+
+
+def test_map_on_a_local_ray_cluster_equals_the_map_of_one_machine(trained: object, library: Path) -> None:
+    """`cluster landcover.map`: 4 parts on a Ray cluster started for the run. The scene normalization (a read of
+    the whole image) is computed once, by the driver, and handed to the actors (`Application.scene`)."""
+    single = run("landcover.map", image=str(S2), adapter="s2", out_dir=str(library / "map_one"))
+    cmd = [sys.executable, "-m", "backend", "cluster", "landcover.map", "--address", "local", "--block-size", "96"]
+    cmd += ["--image", str(S2), "--adapter", "s2", "--out-dir", str(library / "map_cluster"), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clustered = json.loads(proc.stdout)
+    assert clustered["metrics"]["parts_computed"] == 4
+    assert_same_outputs(single.to_dict(), clustered)  # classes exactly, confidence within 1e-5, same polygons
 
 
 def test_map_writes_a_paletted_class_raster_confidence_and_named_polygons(trained: object, library: Path) -> None:
