@@ -168,7 +168,7 @@ def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0, scenes: list
     """The job in this process (rank: which of several torchrun processes); with `scenes`, on a Ray cluster."""
     from backend.context import JobContext, clean_stale_partials
     from backend.jobs import JOBS
-    from backend.jobs.base import run_job
+    from backend.jobs.base import finish, run_job
 
     spec = JOBS[name]
     params = job_params(name, args) if scenes is None else scenes[0]
@@ -197,7 +197,8 @@ def run_cli_job(name: str, args: argparse.Namespace, rank: int = 0, scenes: list
             else:
                 from backend.distributed import cluster  # Ray loads only here
 
-                box["result"] = cluster.run_job(spec, ctx, scenes, args.address, args.workers, args.block_size)
+                opts = (args.address, args.workers, args.block_size)
+                box["result"] = finish(ctx, lambda: cluster.run(spec, ctx, scenes, *opts))
         except BaseException as exc:
             box["error"] = exc
 

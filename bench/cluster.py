@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 import rasterio
+from rasterio.windows import Window
 
-from backend.distributed.blocks import partition
+from backend.distributed.blocks import partition, write_vrt
+from backend.io.raster import Grid
 from backend.io.tiling import TileSpec, tile_grid
 from bench.machine import machine_record
 
@@ -43,20 +45,10 @@ FILF_FAST += ["--batch-size", "2", "--patch-size", "64"]
 def mosaic(image: Path, n: int, path: Path) -> Path:
     """A VRT of `image` repeated n x n (what gdalbuildvrt makes of n x n adjacent scenes)."""
     with rasterio.open(image) as ds:
-        w, h, count, t, crs = ds.width, ds.height, ds.count, ds.transform, ds.crs
-    lines = [f'<VRTDataset rasterXSize="{w * n}" rasterYSize="{h * n}">', f"<SRS>{crs.to_wkt()}</SRS>"]
-    lines.append(f"<GeoTransform>{t.c!r}, {t.a!r}, 0, {t.f!r}, 0, {t.e!r}</GeoTransform>")
-    for band in range(1, count + 1):
-        lines.append(f'<VRTRasterBand dataType="Byte" band="{band}">')
-        for i in range(n):
-            for j in range(n):
-                lines.append(
-                    f"<SimpleSource><SourceFilename>{image}</SourceFilename><SourceBand>{band}</SourceBand>"
-                    f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-                    f'<DstRect xOff="{j * w}" yOff="{i * h}" xSize="{w}" ySize="{h}"/></SimpleSource>'
-                )
-        lines.append("</VRTRasterBand>")
-    path.write_text("\n".join([*lines, "</VRTDataset>"]))
+        grid, count = Grid.of(ds), ds.count
+    whole = Grid(grid.crs, grid.transform, grid.width * n, grid.height * n)
+    places = [Window(j * grid.width, i * grid.height, grid.width, grid.height) for i in range(n) for j in range(n)]
+    write_vrt(path, whole, count, [(win, image) for win in places], data_type="Byte")
     return path
 
 

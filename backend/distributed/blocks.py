@@ -109,24 +109,28 @@ def write_part(tiles: TiledPass, part: Part, grid: Grid, path: Path) -> None:
         writing.unlink(missing_ok=True)
 
 
-def write_vrt(path: Path, grid: Grid, bands: int, parts: Iterable[tuple[Part, Path]]) -> None:
-    """A VRT of `bands` float32 bands on `grid` made of the part files (paths relative to the VRT)."""
+def write_vrt(
+    path: Path, grid: Grid, bands: int, sources: Iterable[tuple[Window, Path]], data_type: str = "Float32"
+) -> None:
+    """A VRT of `bands` bands on `grid`, each source file (its bands 1..bands) placed at its window; source paths
+    are written relative to the VRT."""
     lines = [f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">']
     if grid.georeferenced:
         t = grid.transform
         lines.append(f"  <SRS>{escape(grid.crs.to_wkt())}</SRS>")
         lines.append(f"  <GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}</GeoTransform>")
-    parts = list(parts)
+    sources = list(sources)
     for b in range(1, bands + 1):
-        lines.append(f'  <VRTRasterBand dataType="Float32" band="{b}">')
-        for part, file in parts:
+        lines.append(f'  <VRTRasterBand dataType="{data_type}" band="{b}">')
+        for win, file in sources:
             rel = escape(os.path.relpath(file, path.parent))
+            w, h = int(win.width), int(win.height)
             lines += [
                 "    <SimpleSource>",
                 f'      <SourceFilename relativeToVRT="1">{rel}</SourceFilename>',
                 f"      <SourceBand>{b}</SourceBand>",
-                f'      <SrcRect xOff="0" yOff="0" xSize="{part.width}" ySize="{part.height}"/>',
-                f'      <DstRect xOff="{part.x}" yOff="{part.y}" xSize="{part.width}" ySize="{part.height}"/>',
+                f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>',
+                f'      <DstRect xOff="{int(win.col_off)}" yOff="{int(win.row_off)}" xSize="{w}" ySize="{h}"/>',
                 "    </SimpleSource>",
             ]
         lines.append("  </VRTRasterBand>")

@@ -121,7 +121,7 @@ class Cluster:
     """A connection to a Ray cluster for one job: runs tiled passes (and small first passes) on it."""
 
     def __init__(self, ctx: JobContext, address: str, state: Path, key: str, workers: int, block: int) -> None:
-        self.ctx, self.address, self.block = ctx, address, block
+        self.ctx, self.block = ctx, block
         _connect(address)  # first: a wrong address leaves nothing in the output folder
         import ray
 
@@ -166,7 +166,7 @@ class Cluster:
         vrts = []
         for i, ref in enumerate(passes):
             vrt = self.manifest.folder / f"pass{i}.vrt"
-            mine = [(part, self.manifest.file(part)) for j, part in parts if j == i]
+            mine = [(part.window, self.manifest.file(part)) for j, part in parts if j == i]
             write_vrt(vrt, ref.grid, ref.channels + 1, mine)
             vrts.append(vrt)
         return vrts
@@ -204,6 +204,7 @@ class Cluster:
         self.ctx.log(f"{len(pending)} parts on {actors} {'GPU' if gpu else 'CPU'} actor(s) of the Ray cluster.")
         by_name = {part.id: part for _, part in pending}
         started, pixels, done = time.monotonic(), 0, total - len(pending)
+        pending_pixels = sum(p.pixels for _, p in pending)
         try:
             for row in _rows(ds, self.ctx):
                 part = by_name[row["name"]]
@@ -217,8 +218,7 @@ class Cluster:
                 done += 1
                 pixels += part.pixels
                 rate = pixels / 1e6 / max(time.monotonic() - started, 1e-9)
-                left = sum(p.pixels for _, p in pending) - pixels
-                eta = f", about {_duration(left / 1e6 / rate)} left" if rate > 0 else ""
+                eta = f", about {_duration((pending_pixels - pixels) / 1e6 / rate)} left" if rate > 0 else ""
                 self.ctx.progress(
                     lo + (hi - lo) * done / total, "cluster", f"part {done}/{total}, {rate:.2f} MP/s{eta}"
                 )
@@ -464,18 +464,6 @@ def _prepare(
     extra = [[(f, os.stat(f).st_mtime_ns) for f in adapter_files], block or BLOCK]
     key = fingerprint(job.name, parts_params, path_params, extra)
     return runs, Cluster(ctx, address, root / f".cluster-{job.name}", key, workers, block or BLOCK)
-
-
-def run_job(
-    job: Any, ctx: JobContext, scenes: list[dict[str, Any]], address: str, workers: int = 0, block: int = BLOCK
-) -> JobResult:
-    """`run`, then the job's journal entry goes and its warnings are collected (as `jobs.base.run_job` does)."""
-    try:
-        result = run(job, ctx, scenes, address, workers, block)
-    finally:
-        ctx.end()
-    result.warnings = list(dict.fromkeys(ctx.warnings + result.warnings))
-    return result
 
 
 def run(

@@ -60,14 +60,25 @@ def run_job(spec: JobSpec, params: dict[str, Any], ctx: JobContext) -> JobResult
     if params.get("cluster"):
         from backend.distributed import cluster  # Ray loads only here
 
-        return cluster.run_job(spec, ctx, [params], params["cluster"])
+        return finish(ctx, lambda: cluster.run(spec, ctx, [params], params["cluster"]))
+
+    def here() -> JobResult:
+        try:
+            result = spec.run(ctx, params)
+            ctx.check_cancelled()
+            ctx.commit_outputs()
+        except BaseException:
+            ctx.discard_outputs()
+            raise
+        return result
+
+    return finish(ctx, here)
+
+
+def finish(ctx: JobContext, work: Callable[[], JobResult]) -> JobResult:
+    """`work()`, then the job's journal entry goes and the warnings it logged join the result's."""
     try:
-        result = spec.run(ctx, params)
-        ctx.check_cancelled()
-        ctx.commit_outputs()
-    except BaseException:
-        ctx.discard_outputs()
-        raise
+        result = work()
     finally:
         ctx.end()
     result.warnings = list(dict.fromkeys(ctx.warnings + result.warnings))

@@ -93,20 +93,17 @@ def mosaic(tiles: list[Path], path: Path) -> Path:
     left, top = min(b.left for b in bounds), max(b.top for b in bounds)
     width = round((max(b.right for b in bounds) - left) / res[0])
     height = round((top - min(b.bottom for b in bounds)) / res[1])
-    lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">', f"<SRS>{crs.to_wkt()}</SRS>"]
-    lines.append(f"<GeoTransform>{left!r}, {res[0]!r}, 0, {top!r}, 0, {-res[1]!r}</GeoTransform>")
-    for band in range(1, count + 1):
-        lines.append(f'<VRTRasterBand dataType="Byte" band="{band}">')
-        for t, b in zip(tiles, bounds, strict=True):
-            x, y = round((b.left - left) / res[0]), round((top - b.top) / res[1])
-            w, h = round((b.right - b.left) / res[0]), round((b.top - b.bottom) / res[1])
-            lines += [
-                f"<SimpleSource><SourceFilename>{t}</SourceFilename><SourceBand>{band}</SourceBand>",
-                f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>',
-                f'<DstRect xOff="{x}" yOff="{y}" xSize="{w}" ySize="{h}"/></SimpleSource>',
-            ]
-        lines.append("</VRTRasterBand>")
-    path.write_text("\n".join([*lines, "</VRTDataset>"]))
+    grid = Grid(crs, Affine(res[0], 0, left, 0, -res[1], top), width, height)
+    windows = [
+        Window(
+            round((b.left - left) / res[0]),
+            round((top - b.top) / res[1]),
+            round((b.right - b.left) / res[0]),
+            round((b.top - b.bottom) / res[1]),
+        )
+        for b in bounds
+    ]
+    write_vrt(path, grid, count, zip(windows, tiles, strict=True), data_type="Byte")
     return path
 
 
@@ -186,7 +183,7 @@ def test_a_failing_part_is_reported_with_its_window(tmp_path: Path) -> None:
     assert all("a read error on the network share" in e for e in errors.values() if e), errors
     assert sorted(f.name for f in tmp_path.iterdir()) == sorted(f"{p.id}.tif" for p in parts if not errors[p.id])
     vrt = tmp_path / "all.vrt"
-    write_vrt(vrt, grid, 2, [(p, tmp_path / f"{p.id}.tif") for p in parts if not errors[p.id]])
+    write_vrt(vrt, grid, 2, [(p.window, tmp_path / f"{p.id}.tif") for p in parts if not errors[p.id]])
     with rasterio.open(vrt) as ds:
         values, valid = ds.read(window=Window(0, 0, 32, 96))
     assert np.allclose(values, 1, atol=1e-6) and (valid == 1).all(), np.argwhere(values != 1)
