@@ -126,14 +126,15 @@ def cluster_scenes(args: argparse.Namespace) -> tuple[argparse.Namespace, list[d
         parser.add_argument(flag, action="store_true")
     opts = parser.parse_args(args.args)
     raw = {p.name: getattr(opts, p.name) for p in JOBS[args.job].params if getattr(opts, p.name) is not None}
-    lengths = {len(v) for v in raw.values() if isinstance(v, list) and len(v) > 1 and not isinstance(v[0], int)}
+    layers = {p["name"] for p in job["params"] if p["kind"] in LAYER_KINDS}  # lists of paths (nargs="+")
+    lengths = {len(v) for k, v in raw.items() if k in layers and len(v) > 1}
     if len(lengths) > 1:
         print("Error: the options that list several scenes must list as many each.", file=sys.stderr)
         return None
     n = lengths.pop() if lengths else 1
     scenes = []
     for i in range(n):
-        scene = {k: (v[i] if len(v) > 1 else v[0]) if k in layer_names(job) else v for k, v in raw.items()}
+        scene = {k: (v[i] if len(v) > 1 else v[0]) if k in layers else v for k, v in raw.items()}
         try:
             scenes.append(JOBS[args.job].validate({**scene, "cluster": opts.address}))
         except ValueError as exc:
@@ -145,10 +146,6 @@ def cluster_scenes(args: argparse.Namespace) -> tuple[argparse.Namespace, list[d
     for flag in ("json", "quiet", "debug", "address", "workers", "block_size"):
         setattr(args, flag, getattr(opts, flag))
     return args, scenes
-
-
-def layer_names(job: dict[str, Any]) -> set[str]:
-    return {p["name"] for p in job["params"] if p["kind"] in LAYER_KINDS}
 
 
 def job_params(name: str, args: argparse.Namespace) -> dict[str, Any] | None:

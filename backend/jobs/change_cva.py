@@ -117,8 +117,8 @@ def run(ctx: JobContext, p: dict[str, Any]) -> JobResult:
     grid, aoi, spec = _area(ctx, p)
     # The temporary magnitude (float32) sits beside the outputs until they are written.
     preflight(ctx, grid.height, grid.width, spec.stride, out_dir, 5.0 + 4.0, "cpu", CPU_MP_PER_S)
-    pair = _Pair(p, grid, aoi)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".partial-{ctx.job_id}-") as tmp:
+        pair = _Pair(p, grid, aoi)
         try:
             windows = list(block_windows(grid.width, grid.height, STATS_BLOCK))
             sums = []
